@@ -1,0 +1,1 @@
+"""CuPy backend: filled in by the CUDA-path work. Registers nothing usable yet."""

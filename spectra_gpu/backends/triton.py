@@ -1,0 +1,1 @@
+"""Triton backend: filled in by the CUDA-path work (spectra_gpu.kernels). Registers nothing usable yet."""

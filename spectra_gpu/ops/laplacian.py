@@ -1,0 +1,175 @@
+"""Union-symmetrised kNN graphs, connectivity repair and combinatorial Laplacians L = D - W as CSR.
+
+Normalised Laplacians are deliberately absent: with D^-1/2 the two sides' null vectors differ and the pencil
+(L_X, L_Y) gets an infinite eigenvalue (algorithm.md section 2).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .knn import KnnGraph, SqDist
+
+
+@dataclass(frozen=True)
+class Graph:
+    """Undirected weighted graph on n nodes; each edge stored once with row < col (COO, sorted)."""
+
+    n: int
+    row: torch.Tensor  # [E] int64
+    col: torch.Tensor  # [E] int64
+    weight: torch.Tensor  # [E] float64
+    sqdist: torch.Tensor  # [E] float64 squared distance of each edge's endpoints
+    repairs: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def num_edges(self) -> int:
+        return int(self.row.numel())
+
+    def degree(self) -> torch.Tensor:
+        deg = torch.zeros(self.n, dtype=torch.float64, device=self.row.device)
+        deg.index_add_(0, self.row, self.weight).index_add_(0, self.col, self.weight)
+        return deg
+
+    def edge_count(self) -> torch.Tensor:
+        """Number of incident edges per node (the unweighted degree)."""
+        one = torch.ones_like(self.weight)
+        cnt = torch.zeros(self.n, dtype=torch.float64, device=self.row.device)
+        return cnt.index_add_(0, self.row, one).index_add_(0, self.col, one)
+
+    def neighbors(self) -> list[torch.Tensor]:
+        """Adjacency lists (CPU), for redundancy-aware selection."""
+        r, c = self.row.cpu(), self.col.cpu()
+        both_r, both_c = torch.cat([r, c]), torch.cat([c, r])
+        order = torch.argsort(both_r * self.n + both_c)
+        both_r, both_c = both_r[order], both_c[order]
+        counts = torch.bincount(both_r, minlength=self.n).tolist()
+        return list(torch.split(both_c, counts))
+
+
+def union_graph(knn: KnnGraph, *, weighted: bool = False) -> Graph:
+    """i~j if j is among i's k nearest or i among j's. Unit weights, or exp(-d^2/sigma^2) with sigma^2 the
+    median squared kNN distance (a scale-free bandwidth, unlike SPADE's exp(-d^2))."""
+    n, k = knn.idx.shape
+    src = torch.arange(n, device=knn.idx.device).repeat_interleave(k)
+    dst = knn.idx.reshape(-1)
+    d2 = knn.sqdist.reshape(-1)
+    lo, hi = torch.minimum(src, dst), torch.maximum(src, dst)
+    key = lo * n + hi
+    ukey, inv = torch.unique(key, return_inverse=True)
+    # the same pair seen from both ends has the same distance up to rounding: keep the smaller
+    ud2 = torch.full((ukey.numel(),), float("inf"), dtype=torch.float64, device=key.device)
+    ud2.scatter_reduce_(0, inv, d2, reduce="amin")
+    if weighted:
+        sigma2 = float(torch.median(ud2))
+        sigma2 = sigma2 if sigma2 > 0 else 1.0
+        w = torch.exp(-ud2 / sigma2)
+    else:
+        w = torch.ones_like(ud2)
+    return Graph(n, ukey // n, ukey % n, w, ud2)
+
+
+def components(g: Graph) -> tuple[int, np.ndarray]:
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    r, c = g.row.cpu().numpy(), g.col.cpu().numpy()
+    a = coo_matrix((np.ones(len(r)), (r, c)), shape=(g.n, g.n))
+    ncomp, labels = connected_components(a, directed=False)
+    return int(ncomp), labels
+
+
+def connect(g: Graph, dist: SqDist, *, weighted: bool = False) -> Graph:
+    """Join the components of ``g`` with the minimum spanning tree of the component graph whose edge
+    weights are the shortest inter-component distances (kNN u MST, restricted to the missing edges).
+
+    Costs one more blocked pass over the distances, only when ``g`` is disconnected.
+    """
+    ncomp, labels_np = components(g)
+    if ncomp == 1:
+        return g
+    labels = torch.as_tensor(labels_np, device=g.row.device)
+    best = torch.full((ncomp, ncomp), float("inf"), dtype=torch.float64)
+    arg = torch.zeros((ncomp, ncomp, 2), dtype=torch.int64)
+    step = dist.step()
+    for s in range(0, dist.n, step):
+        e = min(dist.n, s + step)
+        sq = dist.block(s, e).double()
+        for c in range(ncomp):  # nearest member of component c for each row in the block
+            cols = (labels == c).nonzero().flatten()
+            v, j = sq[:, cols].min(dim=1)
+            rl = labels[s:e]
+            for rc in torch.unique(rl).tolist():
+                if rc == c:
+                    continue
+                m = (rl == rc).nonzero().flatten()
+                bi = int(torch.argmin(v[m]))
+                val = float(v[m][bi])
+                if val < best[rc, c]:
+                    best[rc, c] = best[c, rc] = val
+                    arg[rc, c] = arg[c, rc] = torch.tensor([s + int(m[bi]), int(cols[j[m[bi]]])])
+    # Kruskal on the component graph
+    parent = list(range(ncomp))
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    iu = torch.triu_indices(ncomp, ncomp, 1)
+    order = torch.argsort(best[iu[0], iu[1]])
+    add_r, add_c, add_d = [], [], []
+    for t in order.tolist():
+        a, b = int(iu[0, t]), int(iu[1, t])
+        ra, rb = find(a), find(b)
+        if ra == rb or not np.isfinite(float(best[a, b])):
+            continue
+        parent[ra] = rb
+        p, q = arg[a, b].tolist()
+        add_r.append(min(p, q))
+        add_c.append(max(p, q))
+        add_d.append(float(best[a, b]))
+    dev = g.row.device
+    ar, ac = torch.tensor(add_r, device=dev), torch.tensor(add_c, device=dev)
+    ad = torch.tensor(add_d, dtype=torch.float64, device=dev)
+    if weighted:
+        sigma2 = float(torch.median(g.sqdist))
+        aw = torch.exp(-ad / (sigma2 if sigma2 > 0 else 1.0))
+    else:
+        aw = torch.ones_like(ad)
+    order2 = torch.argsort(torch.cat([g.row, ar]) * g.n + torch.cat([g.col, ac]))
+    return Graph(g.n, torch.cat([g.row, ar])[order2], torch.cat([g.col, ac])[order2],
+                 torch.cat([g.weight, aw])[order2], torch.cat([g.sqdist, ad])[order2],
+                 {"components_before": ncomp, "edges_added": len(add_r)})
+
+
+def laplacian_csr(g: Graph, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Combinatorial Laplacian L = D - W of ``g`` as a sparse CSR tensor (diagonal included)."""
+    n, dev = g.n, g.row.device
+    ar = torch.arange(n, device=dev)
+    rows = torch.cat([g.row, g.col, ar])
+    cols = torch.cat([g.col, g.row, ar])
+    vals = torch.cat([-g.weight, -g.weight, g.degree()]).to(dtype)
+    order = torch.argsort(rows * n + cols)  # edges are unique, so no coalescing is needed
+    crow = torch.zeros(n + 1, dtype=torch.int64, device=dev)
+    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=n), 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta": CSR matmul is stable
+        return torch.sparse_csr_tensor(crow, cols[order], vals[order], (n, n))
+
+
+def laplacian_dense(g: Graph, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    w = torch.zeros(g.n, g.n, dtype=dtype, device=g.row.device)
+    w[g.row, g.col] = g.weight.to(dtype)
+    w[g.col, g.row] = g.weight.to(dtype)
+    return torch.diag(w.sum(dim=1)) - w
+
+
+def graph_laplacian(g: Graph, *, dense: bool = False, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Combinatorial Laplacian of ``g``: CSR by default, dense on request."""
+    return laplacian_dense(g, dtype) if dense else laplacian_csr(g, dtype)

@@ -1,0 +1,4 @@
+"""Per-unit importance scores."""
+from .spectral import ScoreResult, score
+
+__all__ = ["ScoreResult", "score"]
