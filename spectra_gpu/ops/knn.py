@@ -72,6 +72,7 @@ def _topk_rows(sq: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def knn_from_sqdist(d: SqDist, k: int) -> KnnGraph:
+    """Exact kNN by row blocks of the distance matrix (any SqDist; the path for a precomputed Gram)."""
     idx_out = torch.empty(d.n, k, dtype=torch.int64, device=d.device)
     d_out = torch.empty(d.n, k, dtype=torch.float64, device=d.device)
     step = d.step()
@@ -85,9 +86,55 @@ def knn_from_sqdist(d: SqDist, k: int) -> KnnGraph:
     return KnnGraph(idx_out, d_out)
 
 
+def _merge(bv: torch.Tensor, bi: torch.Tensor, v: torch.Tensor, i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    kk = bv.shape[1]
+    cv, ci = torch.cat([bv, v], 1), torch.cat([bi, i], 1)
+    mv, mpos = torch.topk(cv, kk, dim=1, largest=False, sorted=True)
+    return mv, torch.gather(ci, 1, mpos)
+
+
+def knn_symmetric(d: SqDist, k: int, block: int = 2048) -> KnnGraph:
+    """Exact kNN from the rows of a point set computing only the upper block triangle of X X^T.
+
+    Distances are symmetric, so each off-diagonal tile (I, J) updates the running top-(k+1) of the rows of I
+    and, through its transpose, of the rows of J: about half the flops of the full Gram product, which is the
+    cost floor of the row-block method. Rows whose top-(k+1) holds a tie are re-ranked exactly (stable sort of
+    the full row) so ties still go to the lower index.
+    """
+    assert d.x is not None
+    x, sqn, n = d.x, d.sqn, d.n
+    kk = min(k + 1, n - 1)
+    bv = torch.full((n, kk), float("inf"), dtype=x.dtype, device=x.device)
+    bi = torch.full((n, kk), -1, dtype=torch.int64, device=x.device)
+    starts = list(range(0, n, block))
+    for a, s0 in enumerate(starts):
+        e0 = min(n, s0 + block)
+        for s1 in starts[a:]:
+            e1 = min(n, s1 + block)
+            sq = (sqn[s0:e0, None] + sqn[None, s1:e1]).sub_(x[s0:e0] @ x[s1:e1].T, alpha=2.0).clamp_min_(0.0)
+            if s0 == s1:
+                r = torch.arange(e0 - s0, device=x.device)
+                sq[r, r] = float("inf")
+            t = min(kk, e1 - s1)
+            v, i = torch.topk(sq, t, dim=1, largest=False, sorted=True)
+            bv[s0:e0], bi[s0:e0] = _merge(bv[s0:e0], bi[s0:e0], v, i + s1)
+            if s0 != s1:
+                t = min(kk, e0 - s0)
+                v, i = torch.topk(sq, t, dim=0, largest=False, sorted=True)
+                bv[s1:e1], bi[s1:e1] = _merge(bv[s1:e1], bi[s1:e1], v.T, i.T + s0)
+    tied = (bv[:, 1:] == bv[:, :-1]).any(dim=1) if kk > 1 else torch.zeros(n, dtype=torch.bool, device=x.device)
+    rows = tied.nonzero().flatten()
+    for c in torch.split(rows, max(1, d.step())):
+        sq = (sqn[c, None] + sqn[None, :]).sub_(x[c] @ x.T, alpha=2.0).clamp_min_(0.0)
+        sq[torch.arange(len(c), device=x.device), c] = float("inf")
+        sv, si = torch.sort(sq, dim=1, stable=True)
+        bv[c], bi[c] = sv[:, :kk], si[:, :kk]
+    return KnnGraph(bi[:, :k].contiguous(), bv[:, :k].double())
+
+
 def knn_torch(x: torch.Tensor, k: int) -> KnnGraph:
     """Reference exact kNN of the rows of ``x`` [N, D], blocked matmul + topk (fp16/bf16 computed in fp32)."""
-    return knn_from_sqdist(SqDist(x), k)
+    return knn_symmetric(SqDist(x), k)
 
 
 def knn_graph(x: torch.Tensor, k: int, *, backend: str | None = None) -> KnnGraph:

@@ -67,3 +67,16 @@ def test_knn_non_contiguous_input():
 def test_knn_bad_input(bad, exc, match):
     with pytest.raises(exc, match=match):
         bad()
+
+
+@pytest.mark.parametrize("block", [1, 4, 7, 64])
+@pytest.mark.parametrize("k", [1, 3, 22])
+def test_symmetric_blocked_knn_matches_brute_force_with_ties(block, k):
+    from spectra_gpu.ops.knn import knn_symmetric
+
+    g = torch.Generator().manual_seed(block * 31 + k)
+    x = torch.randint(0, 3, (23, 2), generator=g).double()  # a 3x3 grid: many duplicates and equal distances
+    got = knn_symmetric(SqDist(x), k, block=block)
+    idx, d2 = brute(x, k)
+    np.testing.assert_array_equal(got.idx.numpy(), idx)
+    np.testing.assert_allclose(got.sqdist.numpy(), d2)
