@@ -7,6 +7,7 @@ Normalised Laplacians are deliberately absent: with D^-1/2 the two sides' null v
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -173,3 +174,15 @@ def laplacian_dense(g: Graph, dtype: torch.dtype = torch.float64) -> torch.Tenso
 def graph_laplacian(g: Graph, *, dense: bool = False, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Combinatorial Laplacian of ``g``: CSR by default, dense on request."""
     return laplacian_dense(g, dtype) if dense else laplacian_csr(g, dtype)
+
+
+def laplacian_operator(lap: torch.Tensor, shift: float = 0.0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """X -> (L + shift 1 1^T) X, the torch reference of the dispatched "laplacian_apply" op (LOBPCG's A and
+    B = L_Y + (dbar/N) 1 1^T operators; the Triton backend fuses the rank-one term into its SpMM)."""
+    if shift == 0.0:
+        def mm(v: torch.Tensor) -> torch.Tensor:
+            return lap @ v
+    else:
+        def mm(v: torch.Tensor) -> torch.Tensor:
+            return lap @ v + shift * v.sum(dim=0, keepdim=True)
+    return mm

@@ -17,10 +17,11 @@ from typing import Any
 import torch
 
 from .._validation import as_signal, check_choice, check_finite, check_pair, check_sizes
+from ..backends import select
 from ..errors import NumericalWarning
 from ..ops.knn import KnnGraph, SqDist, knn_from_sqdist, knn_graph
-from ..ops.laplacian import Graph, connect, laplacian_csr, laplacian_dense, union_graph
-from ..ops.lobpcg import generalized_eigh_dense, lobpcg, relative_residuals
+from ..ops.laplacian import Graph, connect, laplacian_dense
+from ..ops.lobpcg import generalized_eigh_dense, relative_residuals
 from ..stats import SignalStats, recall_at_k
 
 DIRECTIONS = ("fwd", "rev", "sym")
@@ -84,7 +85,7 @@ def _build_graph(side: _Side, k: int, weighted: bool, backend: str | None, name:
         knn = knn_graph(side.rows, k, backend=backend)
     else:
         knn = knn_from_sqdist(side.dist, k)
-    g = union_graph(knn, weighted=weighted)
+    g = select("union_graph", knn, backend=backend)(knn, weighted=weighted)
     g = connect(g, side.dist, weighted=weighted)
     if g.repairs:
         diag["connectivity"][name] = dict(g.repairs)
@@ -97,7 +98,7 @@ def _build_graph(side: _Side, k: int, weighted: bool, backend: str | None, name:
 
 
 def _solve(gx: Graph, gy: Graph, s: int, solver: str, tol: float, maxiter: int, seed: int,
-           diag: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+           diag: dict[str, Any], backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-s pairs of L_X u = lam B u, B = L_Y + (dbar/N) 1 1^T, B-orthonormal u."""
     n = gx.n
     deg_y = gy.degree()
@@ -109,11 +110,10 @@ def _solve(gx: Graph, gy: Graph, s: int, solver: str, tol: float, maxiter: int, 
         res = generalized_eigh_dense(lx, b, s)
         diag["solver"] = {"name": "dense", "iterations": 0, "converged": True}
     else:
-        lx = laplacian_csr(gx)
-        ly = laplacian_csr(gy)
-
-        def bmul(v: torch.Tensor) -> torch.Tensor:
-            return ly @ v + c * v.sum(dim=0, keepdim=True)
+        lx = select("graph_laplacian", gx, backend=backend)(gx)
+        ly = select("graph_laplacian", gy, backend=backend)(gy)
+        amul = select("laplacian_apply", lx, backend=backend)(lx)
+        bmul = select("laplacian_apply", ly, backend=backend)(ly, c)  # (L_Y + c 1 1^T) v
 
         jac = (1.0 / (deg_y + c))[:, None]
 
@@ -123,7 +123,8 @@ def _solve(gx: Graph, gy: Graph, s: int, solver: str, tol: float, maxiter: int, 
             z = r * jac
             return 2 * z - jac * bmul(z)
 
-        res = lobpcg(lx, s, bmul, m=prec, n=n, tol=tol, maxiter=maxiter, seed=seed, warn=False)
+        res = select("lobpcg", lx, backend=backend)(amul, s, bmul, m=prec, n=n, tol=tol, maxiter=maxiter, seed=seed,
+                                                     device=lx.device, warn=False)
         diag["solver"] = {"name": "lobpcg", "iterations": res.iterations, "converged": res.converged}
         if not res.converged:
             warnings.warn(f"spectra_gpu.score: LOBPCG did not converge in {maxiter} iterations (max relative "
@@ -152,7 +153,7 @@ def _node_scores(g: Graph, edge: torch.Tensor) -> torch.Tensor:
 
 
 def _direction_scores(gin: Graph, gout: Graph, s: int | str, solver: str, tol: float, maxiter: int, seed: int,
-                      diag: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+                      diag: dict[str, Any], backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     if s == "full":
         if gin.n > 8192:
             raise ValueError(f"num_eigs='full' uses a dense N x N inverse; expected N <= 8192, got {gin.n}")
@@ -160,7 +161,7 @@ def _direction_scores(gin: Graph, gout: Graph, s: int | str, solver: str, tol: f
         lam = torch.empty(0, dtype=torch.float64)
     else:
         assert isinstance(s, int)
-        lam, u = _solve(gin, gout, s, solver, tol, maxiter, seed, diag)
+        lam, u = _solve(gin, gout, s, solver, tol, maxiter, seed, diag, backend)
         edge = (u[gin.row] - u[gin.col]).pow(2).sum(dim=1)
         u2 = u * u
         pr = (u2.sum(dim=0) ** 2) / (u2 * u2).sum(dim=0).clamp_min(1e-300) / gin.n
@@ -196,8 +197,9 @@ def score(pre: Any, post: Any = None, *, k: int = 10, num_eigs: int | str = 32, 
       'full' for the effective-resistance limit. direction: 'fwd' (L_Y^+ L_X, SPADE), 'rev' (swapped) or
       'sym' (fwd/max + rev/max). preprocess: 'zscore' (default: correlation distance), 'center', 'raw'.
     weighted: exp(-d^2/sigma^2) edge weights instead of unit weights. solver: 'auto' (dense for
-      N <= 800, LOBPCG above), 'dense' or 'lobpcg'. backend: kNN backend ('torch', 'triton', 'cupy'),
-      else SPECTRA_GPU_BACKEND, else automatic.
+      N <= 800, LOBPCG above), 'dense' or 'lobpcg'. backend: 'torch' or 'triton' for the kNN, graph,
+      Laplacian, SpMM and LOBPCG ops, else SPECTRA_GPU_BACKEND, else automatic (which also picks the CuPy
+      LOBPCG for CUDA tensors when CuPy sees a GPU).
     """
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -277,10 +279,10 @@ def score(pre: Any, post: Any = None, *, k: int = 10, num_eigs: int | str = 32, 
 
     t = time.perf_counter()
     if direction in ("fwd", "sym"):
-        node, lam = _direction_scores(gx, gy, s_eff, solver, tol, maxiter, seed, diag)
+        node, lam = _direction_scores(gx, gy, s_eff, solver, tol, maxiter, seed, diag, backend)
     if direction in ("rev", "sym"):
         rdiag: dict[str, Any] = {}
-        rnode, rlam = _direction_scores(gy, gx, s_eff, solver, tol, maxiter, seed, rdiag)
+        rnode, rlam = _direction_scores(gy, gx, s_eff, solver, tol, maxiter, seed, rdiag, backend)
         diag["reverse"] = rdiag
         if direction == "rev":
             node, lam = rnode, rlam

@@ -1,0 +1,1 @@
+"""Triton kernels of the CUDA path (imported lazily by spectra_gpu.backends.triton; needs triton)."""
