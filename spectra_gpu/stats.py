@@ -72,6 +72,7 @@ class SignalStats:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.m = 0
         self.nnz_post = torch.zeros(n_units, dtype=torch.float64, device=self.device)
+        self.abs_sum_post = torch.zeros(n_units, dtype=torch.float64, device=self.device)  # for mean |a|
         exact = mode == "exact"
         probe_idx = None
         if not exact and probe > 0:
@@ -100,6 +101,7 @@ class SignalStats:
         self.pre.update(pre, s, self.mm_dtype)
         self.post.update(post, s, self.mm_dtype)
         self.nnz_post += (post != 0).sum(dim=1).double()
+        self.abs_sum_post += post.double().abs().sum(dim=1)
         self.m += int(pre.shape[1])
         return self
 

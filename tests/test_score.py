@@ -218,3 +218,14 @@ def test_stats_bad_input():
         sg.score(st)
     with pytest.raises(ValueError, match="mode"):
         sg.SignalStats(10, mode="fast")
+
+
+def test_stats_keep_mean_abs_and_nonzero_counts():
+    pre, post = relu_layer(30, 200, seed=14)
+    post = post - 0.1  # signed, so |a| != a
+    st = sg.SignalStats(30).update(pre[:, :70], post[:, :70]).update(pre[:, 70:], post[:, 70:])
+    torch.testing.assert_close(st.abs_sum_post / st.m, post.abs().mean(1))
+    torch.testing.assert_close(st.nnz_post, (post != 0).sum(1).double())
+    mu, sd = st.mean_std("post")
+    torch.testing.assert_close(mu, post.mean(1))
+    torch.testing.assert_close(sd, post.std(1, correction=0))
