@@ -26,6 +26,7 @@ the same columns for Z and A, are kept. Signals stream into one :class:`SignalSt
 from __future__ import annotations
 
 import contextlib
+import itertools
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -54,6 +55,7 @@ _SHAPE_OPS = frozenset({"transpose", "permute", "reshape", "view", "contiguous",
 _NOT_ACTIVATIONS = frozenset({"Softmax", "Softmin", "LogSoftmax", "Softmax2d", "MultiheadAttention", "GLU",
                               "Threshold", "PReLU"})
 _ROOTS = (nn.Linear, nn.modules.conv._ConvNd)
+_NONE = object()
 
 
 def _fname(func: Any) -> str:
@@ -427,9 +429,12 @@ class SpectralCalibrator:
         if isinstance(batches, (torch.Tensor, Mapping)):
             raise TypeError(f"batches: expected an iterable of batches, got one {type(batches).__name__}; "
                             "wrap it in a list")
-        n = 0
+        it = iter(batches)
+        first = next(it, _NONE)
+        if first is _NONE:
+            raise ValueError("batches: expected at least one calibration batch, got none")
         with self.calibration(model):
-            for batch in batches:
+            for batch in itertools.chain([first], it):
                 mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
                 self.token_mask = mask.bool() if isinstance(mask, torch.Tensor) else None
                 if forward_fn is not None:
@@ -445,9 +450,6 @@ class SpectralCalibrator:
                                     f"got a {type(batch).__name__}")
                 if self._session is not None:  # forward_fn may bypass the top-level module's hooks
                     self._session.flush()
-                n += 1
-        if n == 0:
-            raise ValueError("batches: expected at least one calibration batch, got none")
         return self
 
     def _columns(self, s: int) -> torch.Tensor:
@@ -468,7 +470,7 @@ class SpectralCalibrator:
             unit = self.units[key] = Unit(module, name, kind, stats, width, norm, activation)
         if unit.stats.n != n:
             return
-        unit.stats.update(pre.float(), post.float())
+        unit.stats.update(pre, post)
         unit.batches += 1
 
     # ---- scores ------------------------------------------------------------------------------------------
@@ -499,7 +501,7 @@ class SpectralCalibrator:
         return self._results[key]
 
     def importance(self, module: nn.Module, kind: str = "out") -> torch.Tensor | None:
-        """Per-unit importance on the cross-layer scale of ``normalizer`` (float32, lower = prune first).
+        """Per-unit importance on the cross-layer scale of ``normalizer`` (float64, lower = prune first).
 
         'rank' (default): within-layer percentile (r + 0.5) / N_alive of the alive units, plus 1e-6 x the raw
         score to break cross-layer ties (same-percentile units of two layers would otherwise tie at a global
@@ -507,7 +509,8 @@ class SpectralCalibrator:
         layer, the uniform allocation of algorithm.md section 7. 'zscore': (s - mean) / std over alive units
         (layers whose scores have a long low tail lose more). 'max': the engine's max-normalised scores.
         None: the raw scores, dead units -inf. For the other three, dead units get (lowest alive value - 1):
-        pruned first, finite so means over heads and channel groups stay finite.
+        pruned first, finite so means over heads and channel groups stay finite; exact ties are broken toward
+        the lower index (see :func:`normalize`).
         """
         res = self.result(module, kind)
         if res is None:
@@ -527,18 +530,21 @@ def _width(module: nn.Module, kind: str) -> int:
 
 
 def normalize(scores: torch.Tensor, normalizer: str | None) -> torch.Tensor:
-    """Map one layer's engine scores (higher = keep, dead = -inf) to a cross-layer scale; see importance()."""
+    """Map one layer's engine scores (higher = keep, dead = -inf) to a cross-layer scale; see importance().
+
+    Ties are broken toward the lower unit index by a term below 1e-9 that keeps every other order: TP prunes
+    every unit at its threshold (``imp <= thres``), so exact ties (common in small layers, whose kNN graph is
+    complete) would otherwise prune more than requested.
+    """
     s = scores.detach().double().cpu()
     if normalizer is None:
-        return s.float()
+        return s
     alive = torch.isfinite(s)
     a = s[alive]
-    out = torch.empty_like(s)
     if normalizer == "rank":
-        order = torch.argsort(a, stable=True)
         r = torch.empty_like(a)
-        r[order] = torch.arange(a.numel(), dtype=torch.float64)
-        v = (r + 0.5) / a.numel() + 1e-6 * a
+        r[torch.argsort(a, stable=True)] = torch.arange(a.numel(), dtype=torch.float64)
+        v = (r + 0.5) / a.numel() + 1e-6 * a  # 1e-6 x raw score: separates equal percentiles of two layers
     elif normalizer == "zscore":
         sd = a.std(correction=0)
         v = (a - a.mean()) / (sd if sd > 0 else 1.0)
@@ -546,9 +552,13 @@ def normalize(scores: torch.Tensor, normalizer: str | None) -> torch.Tensor:
         v = a
     else:
         raise ValueError(f"normalizer: expected one of {NORMALIZERS} or None, got {normalizer!r}")
+    out = torch.empty_like(s)
     out[alive] = v
     out[~alive] = (float(v.min()) if v.numel() else 0.0) - 1.0
-    return out.float()
+    n = s.numel()
+    pos = torch.empty_like(s)
+    pos[torch.argsort(out, stable=True)] = torch.arange(n, dtype=torch.float64)
+    return out + 1e-9 * (pos + 0.5) / n
 
 
 __all__ = ["KINDS", "NORMALIZERS", "SpectralCalibrator", "Unit", "normalize"]

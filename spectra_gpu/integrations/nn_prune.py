@@ -30,7 +30,7 @@ from ._calibrate import SpectralCalibrator
 class ChannelScores:
     """Scores of one module's units. dim: the weight dim they index (0 = outputs, 1 = attention-output inputs).
 
-    scores: [N] float32 on the calibrator's cross-layer scale, lower = prune first. norm: the BatchNorm between
+    scores: [N] float64 on the calibrator's cross-layer scale, lower = prune first. norm: the BatchNorm between
     the layer and its activation, masked together with it. result: the raw :func:`spectra_gpu.score` output.
     """
 

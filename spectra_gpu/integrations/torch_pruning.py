@@ -121,7 +121,7 @@ class SpectralImportance(tp.importance.Importance):
         out = acc / cnt
         if ch_groups > 1:
             out = out.view(ch_groups, -1).mean(0).repeat(ch_groups)
-        return out.float()
+        return out
 
 
 __all__ = ["SpectralImportance"]
