@@ -6,7 +6,8 @@ Formulas are algorithm.md section 9; everything comes from :class:`SignalStats` 
 criterion sees the same calibration data and is recomputed every round by the driver (fairness rules).
 
 Statistics from ``SignalStats`` (post side = activation a_i over the M calibration samples):
-  mean_i, std_i = stats.mean_std("post"), ||a_i||_2^2 = M (std_i^2 + mean_i^2), zero fraction = 1 - nnz_i / M.
+  mean_i, std_i = stats.mean_std("post"), ||a_i||_2^2 = M (std_i^2 + mean_i^2), zero fraction = 1 - nnz_i / M,
+  mean |a_i| = abs_sum_post_i / M.
 """
 
 from __future__ import annotations
@@ -133,10 +134,8 @@ def weight_l2(ctx: ScoreContext) -> torch.Tensor:
 
 
 def activation_mean(ctx: ScoreContext) -> torch.Tensor:
-    """(1/M) sum_m |a_im|. SignalStats keeps sum a, not sum |a|: this is |mean a|, exact for sign-constant
-    activations (ReLU and friends); for signed ones (GELU, SwiGLU) it is the magnitude of the mean."""
-    mean, _ = _post_moments(ctx)
-    return mean.abs()
+    """(1/M) sum_m |a_im| (exact for signed activations too: SignalStats keeps sum |a|)."""
+    return ctx.stats.abs_sum_post.cpu() / ctx.stats.m
 
 
 def activation_variance(ctx: ScoreContext) -> torch.Tensor:

@@ -49,6 +49,13 @@ def test_baseline_matches_hand_computed_formula(name):
     torch.testing.assert_close(out.scores, HAND[name], rtol=1e-12, atol=1e-12)
 
 
+def test_activation_mean_uses_abs_for_signed_activations():
+    post = torch.tensor([[-1.0, 1.0, -3.0, 3.0], [1.0, 1.0, 1.0, 1.0], [0.5, -0.5, 2.0, 0.0]], dtype=torch.float64)
+    st = sg.SignalStats(3, precision="fp64").update(post * 2 + 1, post)
+    c = ScoreContext(st, torch.ones(3, 1), torch.ones(3, 1))
+    torch.testing.assert_close(run_scorer("act_mean", c).scores, t(2.0, 1.0, 0.75))
+
+
 def test_taylor_is_abs_of_captured_term_and_required():
     out = run_scorer("taylor", ctx(taylor=torch.tensor([0.5, -2.0, 0.0, 1.0])))
     torch.testing.assert_close(out.scores, t(0.5, 2.0, 0.0, 1.0))
