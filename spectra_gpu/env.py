@@ -1,32 +1,71 @@
-"""``python -m spectra_gpu.env``: versions, devices and backend availability, for bug reports."""
+"""``python -m spectra_gpu.env`` (or ``spectra env``): versions, devices and backend availability, for bug reports.
+
+Never raises for a missing or broken optional dependency: each probe turns failures into a reason string.
+"""
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import platform
 
 
-def report() -> str:
+def _version(mod: str) -> str:
+    if importlib.util.find_spec(mod) is None:
+        return "not installed"
+    try:
+        return str(getattr(importlib.import_module(mod), "__version__", "installed"))
+    except Exception as e:  # a broken install is worth reporting, not crashing on
+        return f"import failed: {type(e).__name__}: {e}"
+
+
+def _torch_devices() -> list[str]:
     import torch
 
-    from ._version import __version__
-    from .backends import available_backends
+    lines = [f"torch {torch.__version__} (CUDA build {torch.version.cuda or 'none'}, threads "
+             f"{torch.get_num_threads()}, cuda available {torch.cuda.is_available()})"]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            lines.append(f"  cuda:{i} {p.name}, compute capability {p.major}.{p.minor}, "
+                         f"{p.total_memory / 2**30:.1f} GiB, {p.multi_processor_count} SMs")
+    return lines
 
-    lines = [f"spectra_gpu {__version__}", f"python {platform.python_version()} on {platform.platform()}",
-             f"torch {torch.__version__} (threads {torch.get_num_threads()}, cuda available "
-             f"{torch.cuda.is_available()})"]
-    for mod in ("triton", "cupy", "torch_pruning", "transformers"):
-        spec = importlib.util.find_spec(mod)
-        ver = "not installed"
-        if spec is not None:
-            try:
-                ver = getattr(importlib.import_module(mod), "__version__", "installed")
-            except Exception as e:  # a broken install is worth reporting, not crashing on
-                ver = f"import failed: {type(e).__name__}: {e}"
-        lines.append(f"{mod} {ver}")
+
+def _cupy_line() -> str:
+    ver = _version("cupy")
+    if ver == "not installed" or ver.startswith("import failed"):
+        return f"cupy {ver}"
+    try:
+        import cupy
+
+        if not cupy.is_available():
+            return f"cupy {ver} (no usable CUDA device)"
+        rt = cupy.cuda.runtime.runtimeGetVersion()
+        return f"cupy {ver} (CUDA runtime {rt // 1000}.{rt % 1000 // 10}, {cupy.cuda.runtime.getDeviceCount()} devices)"
+    except Exception as e:
+        return f"cupy {ver} (device probe failed: {type(e).__name__}: {e})"
+
+
+def report() -> str:
+    from ._version import __version__
+    from .backends import REGISTRY, available_backends
+    from .backends.registry import ENV_VAR
+
+    lines = [f"spectra_gpu {__version__}", f"python {platform.python_version()} on {platform.platform()}"]
+    lines += _torch_devices()
+    lines.append(f"triton {_version('triton')} (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', 'unset')})")
+    lines.append(_cupy_line())
+    for mod in ("numpy", "scipy", "torch_pruning", "transformers"):
+        lines.append(f"{mod} {_version(mod)}")
+    lines.append(f"{ENV_VAR}={os.environ.get(ENV_VAR, 'unset')}")
     for name, (ok, why) in available_backends().items():
-        lines.append(f"backend {name}: {'available' if ok else 'unavailable (' + why + ')'}")
+        be = REGISTRY[name]
+        state = "available" if ok else f"unavailable ({why})"
+        if ok and name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+            state += " in the CPU interpreter (for tests; chosen only when asked for)"
+        lines.append(f"backend {name} (auto priority {be.priority}; ops {', '.join(sorted(be.ops))}): {state}")
     return "\n".join(lines)
 
 

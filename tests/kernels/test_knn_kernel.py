@@ -1,0 +1,140 @@
+"""Fused distance + running top-k kernel vs its torch reference (ops.knn.knn_torch, itself checked against a
+numpy brute force in tests/ops): weird shapes, ties, ragged batches, dtypes, strides, poisoned outputs."""
+
+import numpy as np
+import pytest
+import torch
+
+from spectra_gpu.kernels import _utils
+from spectra_gpu.kernels.knn import K_MAX, knn_topk, knn_topk_torch
+
+SENTINEL = torch.iinfo(torch.int64).min
+
+
+def _assert_written(idx, dist):
+    assert not torch.isnan(dist).any(), "a distance was never written (NaN poison survived)"
+    assert not (idx == SENTINEL).any(), "an index was never written (sentinel poison survived)"
+
+
+def _check_close(x, k, lengths=None):
+    """Distances match the reference; indices match except where the reference has a near-tie."""
+    idx, dist = knn_topk(x, k, lengths)
+    _assert_written(idx, dist)
+    ri, rd = knn_topk_torch(x, k, lengths)
+    scale = float(rd[torch.isfinite(rd)].max())
+    torch.testing.assert_close(dist, rd, rtol=1e-4, atol=1e-5 * scale)
+    # the returned distances are the distances of the returned indices (recomputed in fp64)
+    x3 = (x if x.dim() == 3 else x[None]).double().cpu()
+    i3 = (idx if idx.dim() == 3 else idx[None]).cpu()
+    d3 = (dist if dist.dim() == 3 else dist[None]).double().cpu()
+    for b in range(x3.shape[0]):
+        n = x3.shape[1] if lengths is None else int(lengths[b])
+        rec = ((x3[b, :n, None, :] - x3[b, i3[b, :n]]) ** 2).sum(-1)
+        np.testing.assert_allclose(d3[b, :n], rec, rtol=1e-3, atol=1e-4 * scale)
+    diff = (idx != ri).any(dim=-1)
+    if bool(diff.any()):  # only acceptable on rows whose k+1 nearest hold a near-tie
+        full = knn_topk_torch(x, min(k + 1, (min(lengths) if lengths else x.shape[-2]) - 1), lengths)[1]
+        gaps = (full[..., 1:] - full[..., :-1]).abs().min(dim=-1).values
+        assert bool((gaps[diff] < 1e-4 * scale).all()), f"index mismatch on {int(diff.sum())} tie-free rows"
+    return idx, dist
+
+
+@pytest.mark.parametrize("n,d,k", [
+    (37, 20, 5),   # N not a multiple of the 32-row tile
+    (64, 16, 63),  # k = N - 1: every other row is a neighbour
+    (33, 3, 1),    # k = 1
+    (45, 1, 4),    # D = 1
+    (2, 5, 1),     # the smallest layer
+])
+def test_knn_topk_matches_reference(device, n, d, k):
+    x = torch.randn(n, d, device=device)
+    idx, dist = _check_close(x, k)
+    assert idx.shape == dist.shape == (n, k) and idx.dtype == torch.int64 and dist.dtype == torch.float32
+    assert bool((idx != torch.arange(n, device=device)[:, None]).all()), "a row listed itself"
+    assert bool((dist[:, 1:] >= dist[:, :-1]).all()), "neighbours not sorted nearest first"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_knn_topk_half_precision_accumulates_in_fp32(device, dtype):
+    x = torch.randn(40, 70, device=device).to(dtype)  # D spans three 32-wide slices
+    _check_close(x, 6)
+
+
+def test_knn_topk_ties_and_duplicates_exact(device):
+    # small integers: every distance is exact in fp32, so ties are real ties and must go to the lower index
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-2, 3, (45, 9), generator=g).float()
+    x[10] = x[3]
+    x[20] = x[3]  # a triple of identical rows
+    x[44] = x[0]
+    x = x.to(device)
+    idx, dist = knn_topk(x, 7)
+    _assert_written(idx, dist)
+    ri, rd = knn_topk_torch(x, 7)
+    assert torch.equal(idx, ri) and torch.equal(dist, rd)
+    assert idx[3, :2].tolist() == [10, 20] and dist[3, :2].tolist() == [0.0, 0.0]
+    assert idx[20, :2].tolist() == [3, 10]
+
+
+@pytest.mark.parametrize("lengths", [[45], [45, 12, 30]])
+def test_knn_topk_ragged_batch(device, lengths):
+    b = len(lengths)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(-3, 4, (b, 45, 6), generator=g).float()
+    for layer, n in enumerate(lengths):
+        x[layer, n:] = x[layer, 0]  # padding rows at distance 0 from row 0: picked if the kernel ever read them
+    x = x.to(device)
+    idx, dist = knn_topk(x, 5, lengths)
+    _assert_written(idx, dist)
+    ri, rd = knn_topk_torch(x, 5, lengths)
+    assert torch.equal(idx, ri) and torch.equal(dist, rd)
+    for layer, n in enumerate(lengths):
+        assert bool((idx[layer, :n] < n).all())
+        assert bool((idx[layer, n:] == -1).all()) and bool(torch.isinf(dist[layer, n:]).all())
+
+
+def test_knn_topk_ragged_batch_random_floats(device):
+    x = torch.randn(2, 50, 24, device=device)
+    _check_close(x, 3, [50, 17])
+
+
+@pytest.mark.parametrize("layout", ["sliced", "transposed", "batch-transposed"])
+def test_knn_topk_non_contiguous(device, layout):
+    if layout == "sliced":
+        x = torch.randn(30, 40, device=device)[:, ::2]
+    elif layout == "transposed":
+        x = torch.randn(16, 30, device=device).T
+    else:
+        x = torch.randn(20, 2, 26, device=device).permute(1, 2, 0)  # [2, 26, 20], last dim strided
+    assert not x.is_contiguous()
+    _check_close(x, 4)
+
+
+def test_knn_topk_poison_is_live():
+    _utils.POISON = True  # the autouse fixture already set it; allocation must then be poisoned
+    assert torch.isnan(_utils.alloc([3], torch.float32, torch.device("cpu"))).all()
+    assert (_utils.alloc([3], torch.int64, torch.device("cpu")) == SENTINEL).all()
+
+
+def test_knn_topk_validates_inputs(device):
+    x = torch.randn(10, 4, device=device)
+    with pytest.raises(ValueError, match="k: expected"):
+        knn_topk(x, 10)
+    with pytest.raises(ValueError, match="k: expected"):
+        knn_topk(x, 0)
+    with pytest.raises(ValueError, match=r"k: expected an int in \[1, 128\]"):
+        knn_topk(torch.randn(K_MAX + 2, 2, device=device), K_MAX + 1)
+    with pytest.raises(TypeError, match="dtype"):
+        knn_topk(x.double(), 3)
+    with pytest.raises(ValueError, match="2-D or 3-D"):
+        knn_topk(x[0], 3)
+    with pytest.raises(ValueError, match="lengths"):
+        knn_topk(x[None], 3, [11])
+    with pytest.raises(ValueError, match="smallest layer"):
+        knn_topk(torch.randn(2, 10, 4, device=device), 3, [10, 3])
+    bad = x.clone()
+    bad[2, 1] = float("inf")
+    with pytest.raises(ValueError, match="finite"):
+        knn_topk(bad, 3)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        knn_topk(x.cpu().numpy(), 3)
