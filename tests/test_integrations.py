@@ -209,6 +209,21 @@ def test_global_pruning_removes_the_requested_total():
         assert m(batches[0]).shape == (32, 10)
 
 
+def test_iterative_steps_with_recalibration_between_steps():
+    model = CNN(c1=8, c2=16, h=40)
+    batches = _images()
+    imp = SpectralImportance()
+    pruner = tp.pruner.BasePruner(model, batches[0][:1], importance=imp, pruning_ratio=0.5, iterative_steps=2,
+                                  ignored_layers=[model.fc2])
+    widths = []
+    for _ in range(2):
+        imp.calibrate(model, batches)  # the pruned model's own signals: scores follow the structural change
+        pruner.step()
+        widths.append((model.conv1.out_channels, model.conv2.out_channels, model.fc1.out_features))
+    assert widths == [(6, 12, 30), (4, 8, 20)]
+    assert model(batches[0]).shape == (32, 10)
+
+
 def test_group_it_cannot_score_returns_none():
     model = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
     imp = SpectralImportance().calibrate(model, [torch.randn(64, 6)])
