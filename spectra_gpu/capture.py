@@ -1,0 +1,288 @@
+"""Capture every group's pre/post-activation signals in one pass over calibration batches, straight into
+streaming ``SignalStats`` (memory = the statistics, never an activation dump), and first-order Taylor
+importances.
+
+Samples per kind (algorithm.md section 6):
+- neuron: one per input row; ffn: one per non-padding token (``attention_mask`` of dict batches);
+- channel: ``positions_per_image`` seeded random spatial positions of each image (same positions for Z
+  and A), bounding M for large feature maps;
+- head: Z_h = the head's residual write with attention replaced by the identity, V_h W_O^h (V includes its
+  bias: since softmax rows sum to 1 the bias term enters both Z_h and A_h identically); A_h = its actual
+  write, ctx_h W_O^h. Each non-padding token contributes its d_model write coordinates, so M = tokens x
+  d_model (e.g. 2048 tokens x 576 = 1.2 M for SmolLM2). No subsampling or sketch is needed: the head Gram is
+  N x N with N = 9-12 (12 x 12 x 1.2 M flops), so head groups always use exact statistics and the writes are
+  formed in chunks of tokens (one chunk is heads x 256 tokens x d_model floats). A KV-group unit's write is
+  the sum of its query heads' writes.
+``max_samples`` bounds each group's samples in inputs/tokens/positions (head groups: tokens).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .stats import SignalStats
+from .units import UnitGroup, group_by_name
+
+ForwardFn = Callable[[nn.Module, Any], Any]
+_HEAD_CHUNK_ELEMS = 1 << 22  # floats per head-write chunk (16 MiB in fp32)
+
+
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    """model(**batch) for dicts (Hugging Face), model(batch[0]) for (inputs, labels) tuples/lists, else
+    model(batch)."""
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(batch[0])
+    return model(batch)
+
+
+def _token_mask(batch: Any) -> Tensor | None:
+    if isinstance(batch, dict) and batch.get("attention_mask") is not None:
+        return torch.as_tensor(batch["attention_mask"]).bool()
+    return None
+
+
+class _Rows:
+    """Turns activations into [m samples, N units] rows: token masks for [B, T, N] tensors, seeded spatial
+    subsampling for [B, C, H, W] ones."""
+
+    def __init__(self, positions_per_image: int | None, seed: int):
+        self.keep: Tensor | None = None
+        self.ppi = positions_per_image
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def positions(self, b: int, hw: int) -> Tensor | None:
+        if self.ppi is None or self.ppi >= hw:
+            return None
+        return torch.rand(b, hw, generator=self.gen).argsort(dim=1)[:, : self.ppi]
+
+    def __call__(self, t: Tensor, pos: Tensor | None = None) -> Tensor:
+        if t.dim() == 4:  # [B, C, H, W] -> [B * P, C]
+            b, c = t.shape[:2]
+            flat = t.reshape(b, c, -1)
+            if pos is not None:
+                flat = flat.gather(2, pos.to(t.device)[:, None, :].expand(b, c, pos.shape[1]))
+            return flat.transpose(1, 2).reshape(-1, c)
+        if t.dim() >= 3 and self.keep is not None and tuple(t.shape[:-1]) == tuple(self.keep.shape):
+            return t[self.keep.to(t.device)]
+        return t.reshape(-1, t.shape[-1])
+
+
+class _GroupCapture:
+    def __init__(self, g: UnitGroup, rows: _Rows, max_samples: int | None, mode: str, sketch_dim: int, seed: int):
+        if g.size < 3:
+            raise ValueError(f"group {g.name!r}: expected at least 3 units to capture signals for, got {g.size}")
+        self.g, self.rows, self.cap = g, rows, max_samples
+        exact = g.kind == "head"
+        self.stats = SignalStats(g.size, mode="exact" if exact else mode, sketch_dim=sketch_dim, seed=seed)
+        self.count = 0
+        self.pending: Tensor | None = None
+        self.pos: Tensor | None = None
+
+    @property
+    def full(self) -> bool:
+        return self.cap is not None and self.count >= self.cap
+
+    def _take(self, x: Tensor) -> Tensor:
+        return x if self.cap is None else x[: max(self.cap - self.count, 0)]
+
+    def _feed(self, z: Tensor, a: Tensor, samples: int) -> None:
+        if samples == 0:
+            return
+        self.stats.update(z.T.float(), a.T.float())
+        self.count += samples
+
+    # hooks ---------------------------------------------------------------------------------------------------
+    def on_z(self, _m: nn.Module, _inp: Any, out: Tensor) -> None:
+        if self.full:
+            return
+        out = out.detach()
+        if self.g.kind == "head":
+            self.pending = self._take(self.rows(out))
+            return
+        self.pos = self.rows.positions(out.shape[0], out[0, 0].numel()) if out.dim() == 4 else None
+        z = self._take(self.rows(out, self.pos))
+        if self.g.act is None:
+            self.pending = z
+        else:
+            self._feed(z, self.g.act(z.clone()), z.shape[0])
+
+    def on_consumer(self, _m: nn.Module, inp: tuple[Any, ...]) -> None:
+        if self.full or self.pending is None:
+            return
+        x = inp[0].detach()
+        z, self.pending = self.pending, None
+        if self.g.kind == "head":
+            self._heads(z, self._take(self.rows(x)))
+            return
+        a = self._take(self.rows(x, self.pos))
+        self._feed(z, a, z.shape[0])
+
+    def _heads(self, v: Tensor, ctx: Tensor) -> None:
+        g = self.g
+        hd, r = g.head_dim, g.n_rep
+        d = g.consumer.weight.shape[0]
+        w = g.consumer.weight.detach().reshape(d, -1, hd)  # [d, H, hd]
+        h = w.shape[1]
+        m = min(v.shape[0], ctx.shape[0])
+        step = max(1, _HEAD_CHUNK_ELEMS // (h * d))
+        for s in range(0, m, step):
+            vq = v[s:s + step].reshape(-1, h // r, hd).repeat_interleave(r, dim=1)  # [m, H, hd]
+            cq = ctx[s:s + step].reshape(-1, h, hd)
+            z = torch.einsum("mhk,dhk->hmd", vq.to(w.dtype), w)
+            a = torch.einsum("mhk,dhk->hmd", cq.to(w.dtype), w)
+            if g.unit == "kv":
+                z = z.reshape(h // r, r, *z.shape[1:]).sum(1)
+                a = a.reshape(h // r, r, *a.shape[1:]).sum(1)
+            n = z.shape[0]
+            self.stats.update(z.reshape(n, -1).float(), a.reshape(n, -1).float())
+            self.count += vq.shape[0]
+
+    def register(self) -> list[Any]:
+        g = self.g
+        if g.kind == "head":
+            assert g.v is not None
+            src: nn.Module = g.v
+        else:
+            src = g.norm if g.norm is not None else g.producers[0]
+        hs = [src.register_forward_hook(self.on_z)]
+        if g.kind == "head" or g.act is None:
+            hs.append(g.consumer.register_forward_pre_hook(self.on_consumer))
+        return hs
+
+
+def _check(model: nn.Module, groups: Sequence[UnitGroup], max_samples: int | None) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not all(isinstance(g, UnitGroup) for g in groups):
+        raise TypeError("groups: expected a sequence of UnitGroup (from discover_groups / declare_group)")
+    group_by_name(groups)
+    if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
+        raise ValueError(f"max_samples: expected a positive int or None, got {max_samples!r}")
+
+
+def _bar(batches: Iterable[Any], show: bool, desc: str) -> Iterable[Any]:
+    if not show:
+        return batches
+    from tqdm.auto import tqdm
+
+    total = len(batches) if hasattr(batches, "__len__") else None
+    return tqdm(batches, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+
+def capture(model: nn.Module, groups: Sequence[UnitGroup], batches: Iterable[Any], *,
+            forward: ForwardFn | None = None, max_samples: int | None = None, positions_per_image: int | None = 64,
+            mode: str = "exact", sketch_dim: int = 4096, seed: int = 0, progress: bool = True) -> dict[str, SignalStats]:
+    """{group name: SignalStats} of every group's (Z, A) over ``batches`` in one no-grad pass (eval mode;
+    the training flag is restored). ``batches`` yields model inputs: a tensor, an (inputs, labels) pair or a
+    Hugging Face dict whose ``attention_mask`` drops padding tokens. Stops early once every group holds
+    ``max_samples``. ``mode``/``sketch_dim``/``seed`` go to SignalStats (head groups are always exact)."""
+    _check(model, groups, max_samples)
+    if positions_per_image is not None and (not isinstance(positions_per_image, int) or positions_per_image < 1):
+        raise ValueError(f"positions_per_image: expected a positive int or None (all), got {positions_per_image!r}")
+    fwd = forward or default_forward
+    rows = _Rows(positions_per_image, seed)
+    caps = [_GroupCapture(g, rows, max_samples, mode, sketch_dim, seed + i) for i, g in enumerate(groups)]
+    handles = [h for c in caps for h in c.register()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in _bar(batches, progress, "capture"):
+                rows.keep = _token_mask(batch)
+                fwd(model, batch)
+                if all(c.full for c in caps):
+                    break
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    for c in caps:
+        if c.count == 0:
+            raise ValueError(f"capture: group {c.g.name!r} received no samples; its modules "
+                             f"{c.g.paths} were not called by the forward pass (or every token was padding)")
+    return {c.g.name: c.stats for c in caps}
+
+
+class _TaylorCapture:
+    """Accumulates sum_samples(a * dL/da) per unit at the consumer input (zeroing that slice removes the
+    unit, so -a * dL/da is the first-order change of the loss on removal)."""
+
+    def __init__(self, g: UnitGroup, rows: _Rows):
+        self.g, self.rows = g, rows
+        self.total = torch.zeros(g.size, dtype=torch.float64)
+        self.count = 0
+
+    def pre(self, _m: nn.Module, inp: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        x = inp[0]
+        replaced = not x.requires_grad
+        if replaced:
+            x = x.detach().requires_grad_(True)
+        keep = self.rows.keep
+        x.register_hook(lambda grad, x=x, keep=keep: self._acc(x.detach(), grad, keep))
+        return (x, *inp[1:]) if replaced else None
+
+    def _acc(self, x: Tensor, grad: Tensor, keep: Tensor | None) -> None:
+        g, n = self.g, self.g.size
+        p = (x * grad).double()
+        if p.dim() == 4:  # conv consumer: spatial mean, abs per image, summed over the batch
+            self.total += p.mean(dim=(2, 3)).abs().sum(0).cpu()
+            self.count += p.shape[0]
+            return
+        per = p.reshape(*p.shape[:-1], n, g.cols_per_unit)
+        if g.kind == "channel":  # conv -> flatten -> Linear: the channel's spatial mean, abs per image
+            v = per.mean(-1).abs().reshape(-1, n)
+        else:
+            v = per.sum(-1)
+            if keep is not None and v.dim() >= 3 and tuple(v.shape[:-1]) == tuple(keep.shape):
+                v = v[keep.to(v.device)]
+            v = v.reshape(-1, n)
+        self.total += v.sum(0).cpu()
+        self.count += v.shape[0]
+
+    def result(self) -> Tensor:
+        if self.count == 0:
+            raise ValueError(f"capture_taylor: group {self.g.name!r} received no gradients; its consumer "
+                             f"{self.g.paths.get('consumer')} did not take part in the loss")
+        mean = self.total / self.count
+        return mean if self.g.kind == "channel" else mean.abs()
+
+
+def capture_taylor(model: nn.Module, groups: Sequence[UnitGroup], batches: Iterable[Any],
+                   loss_fn: Callable[[nn.Module, Any], Tensor], *, max_samples: int | None = None,
+                   progress: bool = True) -> dict[str, Tensor]:
+    """{group name: [N] float64} first-order Taylor importance |mean over samples of a * dL/da| per unit
+    (conv channels: mean over images of |spatial mean of a * dL/da|), a taken at the consumer input (for a
+    head: its context block, summed over head_dim). ``loss_fn(model, batch)`` runs the forward and returns a
+    scalar loss; dict batches' ``attention_mask`` drops padding tokens. Eval mode (dropout off); parameter
+    gradients are cleared afterwards. Stops after ``max_samples`` samples per group (whole batches)."""
+    _check(model, groups, max_samples)
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn: expected a callable (model, batch) -> scalar loss, got {type(loss_fn).__name__}")
+    rows = _Rows(None, 0)
+    caps = [_TaylorCapture(g, rows) for g in groups]
+    handles = [c.g.consumer.register_forward_pre_hook(c.pre) for c in caps]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            for batch in _bar(batches, progress, "taylor"):
+                rows.keep = _token_mask(batch)
+                loss = loss_fn(model, batch)
+                if not isinstance(loss, Tensor) or loss.numel() != 1:
+                    raise TypeError(f"loss_fn: expected a scalar tensor, got {type(loss).__name__} "
+                                    f"{tuple(getattr(loss, 'shape', ()))}")
+                loss.backward()
+                if max_samples is not None and all(c.count >= max_samples for c in caps):
+                    break
+    finally:
+        for h in handles:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return {c.g.name: c.result() for c in caps}

@@ -1,0 +1,460 @@
+"""Prunable unit groups: which weights belong to one neuron, channel, FFN neuron or attention head
+(algorithm.md section 6), found automatically or declared by hand.
+
+A group is a set of N units that are removed together with everything attached to them:
+
+| kind | producer rows (+ bias) | norm | consumer input slice | signals (Z, A) |
+| --- | --- | --- | --- | --- |
+| neuron | Linear | BatchNorm1d | Linear columns | BN (or Linear) output, act(Z) |
+| channel | Conv2d filters | BatchNorm2d | Conv2d in-channels, or the H*W flattened columns of a Linear | same, per position |
+| ffn | BERT intermediate.dense / Llama gate_proj + up_proj | - | output.dense / down_proj columns | BERT: dense out, GELU(Z); Llama: gate out, down_proj input |
+| head | q/k/v rows of the head | - | attention out-projection columns | residual writes (capture.py) |
+
+Every unit is a contiguous slice of the consumer's input (``cols_per_unit`` columns / channels): zeroing that
+slice is what ``masked`` does and what physical removal must equal.
+
+Discovery: BERT-like layers (``attention.self.query/key/value``, ``attention.output.dense``,
+``intermediate.dense``, ``output.dense``) and Llama-like layers (``gate_proj/up_proj/down_proj``,
+``q_proj/k_proj/v_proj/o_proj`` with ``head_dim`` and ``num_key_value_groups``) are recognised by structure,
+so RoBERTa/Mistral/Qwen2-style copies work too. Plain MLPs/CNNs/ResNets are found on a ``torch.fx`` trace:
+Linear|Conv2d -> (BatchNorm) -> activation -> (dropout | pooling | flatten) -> Linear|Conv2d, with every
+intermediate value used once, so residual-stream channels (summed with a skip connection) are never units
+and only ResNet block-internal channels (BasicBlock conv1, Bottleneck conv1/conv2) are found.
+
+Grouped-query attention (Llama): ``gqa="query"`` makes each query head a unit; removals must take the same
+number of heads from every KV group (HF attention needs uniform groups), see ``UnitGroup.balanced``.
+``gqa="kv"`` makes each KV group (its k/v rows and all its query heads) one unit. With one query head per
+KV group the two coincide and the group uses KV units.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+KINDS = ("neuron", "channel", "ffn", "head")
+GQA_MODES = ("query", "kv")
+
+_ACT_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.SELU, nn.CELU, nn.Mish,
+    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.PReLU,
+)
+_ACT_FUNCS = {F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.elu, F.selu, F.celu, F.mish, F.hardswish,
+              F.hardsigmoid, F.hardtanh, F.softplus, torch.relu, torch.tanh, torch.sigmoid, F.tanh, F.sigmoid}
+_ACT_METHODS = {"relu", "tanh", "sigmoid"}
+_PASS_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity, nn.MaxPool2d, nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+)
+_PASS_FUNCS = {F.dropout, F.dropout2d, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
+
+
+@dataclass(eq=False)
+class UnitGroup:
+    """N prunable units and the modules their weights live in (see the module docstring).
+
+    ``producers`` are sliced by output rows (the first one's output is Z unless ``norm`` is set), ``norm``
+    by features, ``consumer`` by input columns (``cols_per_unit`` per unit). Head groups also carry
+    ``attn`` (the attention module, whose head counts surgery updates) and ``q, k, v``.
+    ``act`` maps Z to A; when None, A is the consumer's input (SwiGLU: SiLU(gate) * up).
+    """
+
+    name: str
+    kind: str
+    producers: tuple[nn.Module, ...]
+    consumer: nn.Module
+    norm: nn.Module | None = None
+    act: Callable[[Tensor], Tensor] | None = None
+    arch: str = "plain"  # "plain" | "bert" | "llama"
+    unit: str = "unit"  # "unit"; heads: "head" (MHA), "query" or "kv" (GQA)
+    attn: nn.Module | None = None
+    q: nn.Linear | None = None
+    k: nn.Linear | None = None
+    v: nn.Linear | None = None
+    paths: dict[str, str] = field(default_factory=dict)
+
+    # ---- widths, recomputed from the modules on every call ----------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        if self.attn is None:
+            raise ValueError(f"group {self.name!r}: head_dim is defined for head groups only, got kind {self.kind!r}")
+        return int(self.attn.head_dim if self.arch == "llama" else self.attn.attention_head_size)
+
+    @property
+    def n_rep(self) -> int:
+        """Query heads per KV group (1 for BERT)."""
+        return int(self.attn.num_key_value_groups) if self.arch == "llama" else 1  # type: ignore[union-attr]
+
+    @property
+    def size(self) -> int:
+        """Current number of units."""
+        if self.kind == "head":
+            assert self.q is not None and self.k is not None
+            rows = self.k.out_features if self.unit == "kv" else self.q.out_features
+            return rows // self.head_dim
+        return int(self.producers[0].weight.shape[0])
+
+    @property
+    def cols_per_unit(self) -> int:
+        """Consumer input columns (Linear) or channels (Conv2d) per unit."""
+        if self.kind == "head":
+            return self.head_dim * (self.n_rep if self.unit == "kv" else 1)
+        return int(self.consumer.weight.shape[1]) // self.size
+
+    @property
+    def kv_heads(self) -> int | None:
+        """Llama KV heads (None for other groups)."""
+        if self.arch != "llama" or self.kind != "head":
+            return None
+        assert self.k is not None
+        return self.k.out_features // self.head_dim
+
+    def modules(self) -> list[nn.Module]:
+        """Every module this group's surgery edits (for prunable-parameter accounting)."""
+        mods = [*self.producers, self.consumer, *(m for m in (self.norm, self.q, self.k, self.v) if m is not None)]
+        seen: dict[int, nn.Module] = {}
+        for m in mods:
+            seen.setdefault(id(m), m)
+        return list(seen.values())
+
+    # ---- per-unit weights -------------------------------------------------------------------------------
+    def _q_rows(self, u: int) -> slice:
+        hd = self.head_dim
+        if self.unit == "kv":
+            r = self.n_rep
+            return slice(u * r * hd, (u + 1) * r * hd)
+        return slice(u * hd, (u + 1) * hd)
+
+    def _kv_index(self, u: int) -> int:
+        return u if self.unit in ("kv", "head") else u // self.n_rep
+
+    def in_weight(self) -> Tensor:
+        """[N, fan_in]: each unit's incoming weights, flattened (conv filters; SwiGLU gate and up rows
+        concatenated; heads: the head's q rows then its KV group's k and v rows). Biases excluded."""
+        if self.kind == "head":
+            assert self.q is not None and self.k is not None and self.v is not None
+            hd = self.head_dim
+            rows = []
+            for u in range(self.size):
+                g = self._kv_index(u)
+                kv = slice(g * hd, (g + 1) * hd)
+                rows.append(torch.cat([self.q.weight[self._q_rows(u)].flatten(), self.k.weight[kv].flatten(),
+                                       self.v.weight[kv].flatten()]))
+            return torch.stack(rows)
+        return torch.cat([p.weight.reshape(p.weight.shape[0], -1) for p in self.producers], dim=1)
+
+    def out_weight(self) -> Tensor:
+        """[N, fan_out * cols_per_unit]: each unit's outgoing weights (its consumer columns; a conv consumer's
+        [C_out, kh, kw] slice; a head's out-projection column block), flattened per unit."""
+        w = self.consumer.weight
+        n, c = self.size, self.cols_per_unit
+        if isinstance(self.consumer, nn.Conv2d):  # [C_out, C_in, kh, kw]; one channel per unit
+            return w.transpose(0, 1).reshape(n, -1)
+        return w.reshape(w.shape[0], n, c).permute(1, 0, 2).reshape(n, -1)
+
+    def unit_params(self) -> int:
+        """Parameters removed with one unit at the current widths (algorithm.md section 7)."""
+        n = self.size
+        if self.kind == "head":
+            assert self.q is not None and self.k is not None and self.v is not None
+            hd = self.head_dim
+            d = self.q.in_features
+            qb = int(self.q.bias is not None)
+            if self.unit == "query":
+                return hd * d + hd * qb + d * hd
+            kvb = int(self.k.bias is not None)
+            nq = self.n_rep  # "kv": the group's query heads; "head" (MHA): 1
+            return nq * (hd * d + hd * qb) + 2 * (hd * d + hd * kvb) + nq * d * hd
+        total = sum(p.weight.numel() // n + (1 if getattr(p, "bias", None) is not None else 0) for p in self.producers)
+        if self.norm is not None and getattr(self.norm, "weight", None) is not None:
+            total += 2
+        return total + self.consumer.weight.numel() // n
+
+    def balanced(self, scores: Tensor, n_remove: int) -> Tensor:
+        """Indices of ``n_remove`` lowest-score units that surgery accepts: for GQA query-head groups, the
+        same number from every KV group (n_remove is rounded down to a multiple of the KV-head count, each
+        KV group dropping its lowest-scoring heads); otherwise simply the n_remove lowest."""
+        s = torch.as_tensor(scores, dtype=torch.float64).flatten().cpu()
+        if s.numel() != self.size:
+            raise ValueError(f"scores: expected {self.size} values for group {self.name!r}, got {s.numel()}")
+        if self.unit != "query":
+            return torch.sort(torch.argsort(s, stable=True)[:n_remove]).values
+        kv, r = self.kv_heads, self.n_rep
+        assert kv is not None
+        per = min(n_remove // kv, r - 1)
+        idx = [g * r + torch.argsort(s[g * r:(g + 1) * r], stable=True)[:per] for g in range(kv)]
+        return torch.sort(torch.cat(idx)).values
+
+    def __repr__(self) -> str:
+        return f"UnitGroup(name={self.name!r}, kind={self.kind!r}, size={self.size}, unit={self.unit!r})"
+
+
+# ---- discovery -----------------------------------------------------------------------------------------------
+def _has(m: nn.Module, *names: str) -> bool:
+    return all(hasattr(m, n) for n in names)
+
+
+def _bert_groups(path: str, layer: nn.Module) -> list[UnitGroup]:
+    inter, out = layer.intermediate, layer.output
+    att = layer.attention
+    p = f"{path}." if path else ""
+    ffn = UnitGroup(f"{p}ffn", "ffn", (inter.dense,), out.dense, act=inter.intermediate_act_fn, arch="bert",
+                    paths={"producer": f"{p}intermediate.dense", "consumer": f"{p}output.dense"})
+    sa = att.self
+    head = UnitGroup(f"{p}attn", "head", (), att.output.dense, arch="bert", unit="head", attn=sa, q=sa.query,
+                     k=sa.key, v=sa.value, paths={"attn": f"{p}attention.self", "consumer": f"{p}attention.output.dense"})
+    return [ffn, head]
+
+
+def _is_bert_layer(m: nn.Module) -> bool:
+    return (_has(m, "attention", "intermediate", "output") and _has(m.attention, "self", "output")
+            and _has(m.attention.self, "query", "key", "value", "attention_head_size")
+            and _has(m.intermediate, "dense", "intermediate_act_fn") and _has(m.output, "dense"))
+
+
+def _is_swiglu(m: nn.Module) -> bool:
+    return _has(m, "gate_proj", "up_proj", "down_proj", "act_fn") and all(
+        isinstance(getattr(m, n), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj"))
+
+
+def _is_llama_attn(m: nn.Module) -> bool:
+    return _has(m, "q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "num_key_value_groups")
+
+
+def _parent(path: str) -> str:
+    return path.rpartition(".")[0]
+
+
+def _llama_attn_group(path: str, m: nn.Module, gqa: str) -> UnitGroup:
+    parent = _parent(path)
+    unit = "kv" if (gqa == "kv" or int(m.num_key_value_groups) == 1) else "query"
+    return UnitGroup(f"{parent}.attn" if parent else "attn", "head", (), m.o_proj, arch="llama", unit=unit, attn=m,
+                     q=m.q_proj, k=m.k_proj, v=m.v_proj, paths={"attn": path, "consumer": f"{path}.o_proj"})
+
+
+def _structured_groups(model: nn.Module, gqa: str) -> list[UnitGroup]:
+    out: list[UnitGroup] = []
+    for path, m in model.named_modules():
+        if _is_bert_layer(m):
+            out += _bert_groups(path, m)
+        elif _is_swiglu(m):
+            parent = _parent(path)
+            out.append(UnitGroup(f"{parent}.ffn" if parent else "ffn", "ffn", (m.gate_proj, m.up_proj), m.down_proj,
+                                 arch="llama", paths={"producer": f"{path}.gate_proj", "consumer": f"{path}.down_proj"}))
+        elif _is_llama_attn(m):
+            out.append(_llama_attn_group(path, m, gqa))
+    return out
+
+
+def _const(a: Any) -> bool:
+    return not isinstance(a, torch.fx.Node) and not (isinstance(a, (tuple, list)) and any(
+        isinstance(x, torch.fx.Node) for x in a))
+
+
+def _act_of(node: torch.fx.Node, mods: dict[str, nn.Module]) -> Callable[[Tensor], Tensor] | None:
+    """The node's activation as a callable Z -> A, or None if the node is not an elementwise activation."""
+    rest, kw = node.args[1:], dict(node.kwargs)
+    if not all(_const(a) for a in (*rest, *kw.values())):
+        return None
+    kw.pop("inplace", None)
+    if node.op == "call_module" and isinstance(mods[str(node.target)], _ACT_MODULES):
+        return mods[str(node.target)]
+    if node.op == "call_function" and node.target in _ACT_FUNCS:
+        fn = node.target
+        return lambda z: fn(z, *rest, **kw)  # type: ignore[operator]
+    if node.op == "call_method" and node.target in _ACT_METHODS:
+        name = str(node.target)
+        return lambda z: getattr(z, name)(*rest, **kw)
+    return None
+
+
+def _flatten_op(node: torch.fx.Node, mods: dict[str, nn.Module]) -> bool:
+    """x.flatten(1), torch.flatten(x, 1), nn.Flatten(), x.view(B, -1), x.reshape(B, -1)."""
+    if node.op == "call_module":
+        m = mods[str(node.target)]
+        return isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1
+    start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+    if node.op == "call_function" and node.target is torch.flatten:
+        return start == 1 and len(node.args) <= 2
+    if node.op == "call_method" and node.target == "flatten":
+        return start == 1 and len(node.args) <= 2
+    if node.op == "call_method" and node.target in ("view", "reshape"):
+        return len(node.args) == 3 and node.args[2] == -1
+    return False
+
+
+def _passthrough(node: torch.fx.Node, mods: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(mods[str(node.target)], _PASS_MODULES)
+    if node.op == "call_function":
+        return node.target in _PASS_FUNCS
+    return node.op == "call_method" and node.target == "contiguous"
+
+
+def _fx_groups(model: nn.Module) -> tuple[list[UnitGroup], str | None]:
+    """Groups found on a torch.fx trace, and the trace error (if the model does not trace)."""
+    try:
+        graph = torch.fx.Tracer().trace(model)
+    except Exception as e:  # any tracing failure just means "no fx discovery" for this model
+        return [], f"{type(e).__name__}: {e}"
+    mods = dict(model.named_modules())
+    calls = Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
+
+    def module(node: torch.fx.Node) -> nn.Module | None:
+        return mods[str(node.target)] if node.op == "call_module" and calls[str(node.target)] == 1 else None
+
+    def single_user(node: torch.fx.Node) -> torch.fx.Node | None:
+        if len(node.users) != 1:
+            return None
+        nxt = next(iter(node.users))
+        return nxt if nxt.args and nxt.args[0] is node else None
+
+    out: list[UnitGroup] = []
+    for node in graph.nodes:
+        prod = module(node)
+        is_lin = isinstance(prod, nn.Linear)
+        is_conv = isinstance(prod, nn.Conv2d) and prod.groups == 1
+        if not (is_lin or is_conv):
+            continue
+        n_units = prod.weight.shape[0]  # type: ignore[union-attr]
+        cur, norm = node, None
+        nxt = single_user(cur)
+        bn_type = nn.BatchNorm1d if is_lin else nn.BatchNorm2d
+        if nxt is not None and isinstance(module(nxt), bn_type):
+            cur, norm = nxt, module(nxt)
+            nxt = single_user(cur)
+        act = _act_of(nxt, mods) if nxt is not None else None
+        if act is None:
+            continue
+        cur = nxt  # type: ignore[assignment]
+        flattened = False
+        while (nxt := single_user(cur)) is not None:
+            cons = module(nxt)
+            if isinstance(cons, nn.Linear) and (
+                    (not flattened and is_lin and cons.in_features == n_units)
+                    or (flattened and cons.in_features % n_units == 0)):
+                break
+            if isinstance(cons, nn.Conv2d) and is_conv and not flattened and cons.groups == 1 \
+                    and cons.in_channels == n_units:
+                break
+            if is_conv and not flattened and _flatten_op(nxt, mods):
+                flattened = True
+            elif not _passthrough(nxt, mods):
+                nxt = None
+                break
+            cur = nxt
+        if nxt is None:
+            continue
+        cpath = str(nxt.target)
+        out.append(UnitGroup(str(node.target), "neuron" if is_lin else "channel", (prod,), mods[cpath], norm=norm,  # type: ignore[arg-type]
+                             act=act, paths={"producer": str(node.target), "consumer": cpath}))
+    return out, None
+
+
+def discover_groups(model: nn.Module, kinds: Iterable[str] | str | None = None, *, gqa: str = "query") -> list[UnitGroup]:
+    """Every prunable unit group of ``model`` found automatically (module docstring), in module order,
+    optionally restricted to ``kinds`` (subset of "neuron", "channel", "ffn", "head")."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    want = _check_kinds(kinds)
+    if gqa not in GQA_MODES:
+        raise ValueError(f"gqa: expected one of {GQA_MODES}, got {gqa!r}")
+    groups = _structured_groups(model, gqa)
+    taken = {id(p) for g in groups for p in g.producers} | {id(g.consumer) for g in groups}
+    fx, err = _fx_groups(model)
+    groups += [g for g in fx if id(g.producers[0]) not in taken]
+    if not groups:
+        hint = f" (torch.fx could not trace it: {err})" if err else ""
+        raise ValueError(
+            f"discover_groups: found no prunable unit groups in {type(model).__name__}{hint}. Auto-discovery knows "
+            "Linear->(BatchNorm1d)->activation->Linear, Conv2d->(BatchNorm2d)->activation->Conv2d (ResNet blocks "
+            "included), Hugging Face BERT-like and Llama-like layers. Declare groups by hand: "
+            "spectra_gpu.declare_group(model, 'neuron', producer='fc1', consumer='fc2', act=torch.relu)")
+    return [g for g in groups if g.kind in want]
+
+
+def _check_kinds(kinds: Iterable[str] | str | None) -> tuple[str, ...]:
+    if kinds is None:
+        return KINDS
+    ks = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    bad = [k for k in ks if k not in KINDS]
+    if bad or not ks:
+        raise ValueError(f"kinds: expected a non-empty subset of {KINDS}, got {kinds!r}")
+    return ks
+
+
+def _resolve(model: nn.Module, ref: str | nn.Module, what: str) -> tuple[nn.Module, str]:
+    if isinstance(ref, nn.Module):
+        for p, m in model.named_modules():
+            if m is ref:
+                return m, p
+        raise ValueError(f"{what}: the module given is not a submodule of {type(model).__name__}")
+    if not isinstance(ref, str):
+        raise TypeError(f"{what}: expected a module path (str) or an nn.Module, got {type(ref).__name__}")
+    try:
+        return model.get_submodule(ref), ref
+    except AttributeError:
+        names = [p for p, _ in model.named_modules() if p]
+        close = [p for p in names if ref.split(".")[-1] in p][:8] or names[:8]
+        raise ValueError(f"{what}: {type(model).__name__} has no submodule {ref!r}; some that exist: {close}") from None
+
+
+def declare_group(model: nn.Module, kind: str, producer: str | nn.Module | Sequence[str | nn.Module],
+                  consumer: str | nn.Module, *, norm: str | nn.Module | None = None,
+                  act: Callable[[Tensor], Tensor] | None = None, name: str | None = None) -> UnitGroup:
+    """A group the discovery does not find: ``producer`` (a Linear/Conv2d path or module; a list for
+    co-producers sliced together, the first giving Z) feeds ``norm`` (optional BatchNorm), then ``act``,
+    then ``consumer`` (Linear/Conv2d) whose input columns/channels are the units' outputs.
+
+    act=None means A is read at the consumer's input (gated units such as SwiGLU, or when the activation is
+    not elementwise on Z). Heads are declared by discovery only (BERT-like and Llama-like attention).
+    """
+    if kind not in ("neuron", "channel", "ffn"):
+        raise ValueError(f"kind: expected 'neuron', 'channel' or 'ffn' for a declared group (heads are found by "
+                         f"discover_groups on BERT-like/Llama-like attention), got {kind!r}")
+    refs = list(producer) if isinstance(producer, (list, tuple)) else [producer]
+    if not refs:
+        raise ValueError("producer: expected at least one module")
+    prods = [_resolve(model, r, "producer") for r in refs]
+    cons, cpath = _resolve(model, consumer, "consumer")
+    nrm = _resolve(model, norm, "norm") if norm is not None else None
+    for m, p in prods:
+        if not isinstance(m, (nn.Linear, nn.Conv2d)) or (isinstance(m, nn.Conv2d) and m.groups != 1):
+            raise TypeError(f"producer {p!r}: expected nn.Linear or nn.Conv2d (groups=1), got {type(m).__name__}")
+    if not isinstance(cons, (nn.Linear, nn.Conv2d)) or (isinstance(cons, nn.Conv2d) and cons.groups != 1):
+        raise TypeError(f"consumer {cpath!r}: expected nn.Linear or nn.Conv2d (groups=1), got {type(cons).__name__}")
+    n = prods[0][0].weight.shape[0]
+    if any(m.weight.shape[0] != n for m, _ in prods):
+        raise ValueError(f"producer: co-producers must have the same output width, got "
+                         f"{[m.weight.shape[0] for m, _ in prods]}")
+    fan = cons.weight.shape[1]
+    if fan % n != 0 or (isinstance(cons, nn.Conv2d) and fan != n):
+        raise ValueError(f"consumer {cpath!r}: expected {n} input channels/columns (or a multiple for a flattened "
+                         f"conv output), got {fan}")
+    if nrm is not None:
+        nm, npath = nrm
+        if not isinstance(nm, nn.modules.batchnorm._BatchNorm) or nm.num_features != n:
+            raise ValueError(f"norm {npath!r}: expected a BatchNorm over {n} features, got {nm}")
+    if act is not None and not callable(act):
+        raise TypeError(f"act: expected a callable Z -> A or None, got {type(act).__name__}")
+    paths = {"producer": prods[0][1], "consumer": cpath}
+    return UnitGroup(name or prods[0][1], kind, tuple(m for m, _ in prods), cons, norm=nrm[0] if nrm else None,
+                     act=act, paths=paths)
+
+
+def group_by_name(groups: Sequence[UnitGroup]) -> dict[str, UnitGroup]:
+    out: dict[str, UnitGroup] = {}
+    for g in groups:
+        if g.name in out:
+            raise ValueError(f"groups: expected unique names, got {g.name!r} twice")
+        out[g.name] = g
+    return out
+
+
+__all__ = ["GQA_MODES", "KINDS", "UnitGroup", "declare_group", "discover_groups", "group_by_name"]
