@@ -1,6 +1,7 @@
 """Fused exact kNN over the rows of several layers at once: pairwise squared distances + running top-k.
 
-Design (one program = BLOCK_M query rows of one layer; grid = (row blocks, layers)):
+Design (one program = BLOCK_M query rows of one layer and one of SPLITS column ranges; grid = (split, row block,
+layer), split fastest):
 - Column tiles of BLOCK_N rows stream past the query block; each tile's inner products come from tl.dot over
   BLOCK_D-wide slices of the feature axis (fp32 accumulation for fp16/bf16/fp32 inputs). The distance tile
   |x_i|^2 + |x_j|^2 - 2 x_i.x_j lives in registers only: the N x N matrix is never written.
@@ -11,10 +12,13 @@ Design (one program = BLOCK_M query rows of one layer; grid = (row blocks, layer
   first few tiles most tiles need zero or one round, so selection costs about one compare per distance
   while the dot costs D multiply-adds. A bitonic tl.topk per tile would cost log^2(BLOCK_N) compare-swaps per
   element and is 10-100x slower in the interpreter.
-- The k survivors are sorted once at the end (k min-extractions) and written as indices and fp32 distances.
+- Why splits: with D ~ 16k a query strip (BLOCK_M x D) cannot stay on chip, so it is re-read once per column
+  tile: N^2 D / BLOCK_N elements of traffic, an intensity of only BLOCK_N FLOP/byte (bf16) against the ~263 of
+  an H100. The SPLITS programs of one row block launch together and share that strip through L2; each ends with
+  its sorted k keys, and a torch topk over the SPLITS x k keys of a row merges them (exact: keys are unique).
 Per-layer row counts differ through ``lengths``: rows and columns at or past a layer's length are masked
 (padded rows get index -1 and distance +inf). fp32 inputs use tl.dot's "tf32x3" mode on sm80+ (three TF32
-tensor-core products, about fp32 accuracy at ~3x the SIMT rate) and exact "ieee" elsewhere.
+tensor-core products, about fp32 accuracy at ~2x the SIMT rate) and exact "ieee" elsewhere.
 """
 
 from __future__ import annotations
@@ -53,22 +57,24 @@ def _row_sqnorm_kernel(x_ptr, len_ptr, out_ptr, N_MAX, D, stride_xb, stride_xn, 
 
 @triton.autotune(
     configs=configs(
-        [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32}, num_warps=4, num_stages=3),
-         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_D": 32}, num_warps=8, num_stages=3),
-         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 32}, num_warps=8, num_stages=3),
-         triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_D": 64}, num_warps=4, num_stages=4)],
+        [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_D": 32}, num_warps=4, num_stages=3),
+         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 32}, num_warps=8, num_stages=3),
+         triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_D": 64}, num_warps=4, num_stages=4)],
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_D": 32})),
-    key=["N_MAX", "D", "K_PAD", "DOT_PRECISION"],
+    key=["N_MAX", "D", "K_PAD", "SPLITS", "DOT_PRECISION"],
 )
 @triton.jit
-def _knn_topk_kernel(x_ptr, sqn_ptr, len_ptr, idx_ptr, dist_ptr, N_MAX, D, K,
+def _knn_topk_kernel(x_ptr, sqn_ptr, len_ptr, key_ptr, N_MAX, D, K, SPLITS,
                      stride_xb, stride_xn, stride_xd,
                      K_PAD: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Sorted k smallest keys of rows (block pid 1, layer pid 2) over column split pid 0 -> key[b, row, split]."""
     EMPTY: tl.constexpr = 0x7FFFFFFFFFFFFFFF
-    b = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(0)
+    b = tl.program_id(2).to(tl.int64)
     n_b = tl.load(len_ptr + b)
-    row0 = tl.program_id(0) * BLOCK_M
+    row0 = tl.program_id(1) * BLOCK_M
     rows = row0 + tl.arange(0, BLOCK_M)
     row_ok = rows < n_b
     x_b = x_ptr + b * stride_xb
@@ -78,10 +84,12 @@ def _knn_topk_kernel(x_ptr, sqn_ptr, len_ptr, idx_ptr, dist_ptr, N_MAX, D, K,
     # slots >= K are padding: -1 is below every key, so they are never the worst and never replaced
     best = tl.where(kk[None, :] < K, EMPTY, -1) + tl.zeros([BLOCK_M, K_PAD], dtype=tl.int64)
     thr = tl.max(best, axis=1)
-    hi = tl.where(row0 < n_b, n_b, 0)  # blocks wholly past this layer's rows do no work
-    for j0 in range(0, hi, BLOCK_N):
+    span = tl.cdiv(tl.cdiv(n_b, SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * span
+    hi = tl.where(row0 < n_b, tl.minimum(lo + span, n_b), lo)  # blocks wholly past the layer do no work
+    for j0 in range(lo, hi, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < n_b
+        col_ok = cols < hi
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
@@ -108,16 +116,12 @@ def _knn_topk_kernel(x_ptr, sqn_ptr, len_ptr, idx_ptr, dist_ptr, N_MAX, D, K,
             best = tl.where((kk[None, :] == worst[:, None]) & take[:, None], m[:, None], best)
             key = tl.where(key == m[:, None], EMPTY, key)
             thr = tl.max(best, axis=1)
-    best = tl.where(kk[None, :] < K, best, EMPTY)
-    out_ok = rows < N_MAX
-    out = (b * N_MAX + rows.to(tl.int64)) * K
-    for t in range(0, K):
+    best = tl.where(row_ok[:, None] & (kk[None, :] < K), best, EMPTY)  # padded rows: no neighbours
+    out = ((b * N_MAX + rows.to(tl.int64)) * SPLITS + split) * K
+    for t in range(0, K):  # k min-extractions: the list leaves sorted, nearest first
         m = tl.min(best, axis=1)
         best = tl.where(best == m[:, None], EMPTY, best)
-        idx = tl.where(row_ok, m & 0xFFFFFFFF, -1)
-        dist = tl.where(row_ok, (m >> 32).to(tl.int32).to(tl.float32, bitcast=True), float("inf"))
-        tl.store(idx_ptr + out + t, idx, mask=out_ok)
-        tl.store(dist_ptr + out + t, dist, mask=out_ok)
+        tl.store(key_ptr + out + t, m, mask=rows < N_MAX)
 
 
 def _lengths(lengths: Sequence[int] | torch.Tensor | None, b: int, n_max: int, device: torch.device) -> torch.Tensor:
@@ -139,13 +143,23 @@ def _dot_precision(x: torch.Tensor) -> str | None:
     return "tf32x3"
 
 
-def knn_topk(x: torch.Tensor, k: int, lengths: Sequence[int] | torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def unpack_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index, fp32 squared distance) of packed keys; anything that is not a real key (the empty marker, or a
+    negative value from memory a kernel never wrote) becomes index -1 and distance +inf."""
+    valid = (keys >= 0) & (keys != _EMPTY)
+    idx = torch.where(valid, keys & 0xFFFFFFFF, -1)
+    dist = (keys >> 32).to(torch.int32).view(torch.float32)
+    return idx, torch.where(valid, dist, float("inf"))
+
+
+def knn_topk(x: torch.Tensor, k: int, lengths: Sequence[int] | torch.Tensor | None = None, *,
+             splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact k nearest neighbours of every row, per layer, nearest first, ties to the lower index.
 
     x: [N, D] or [B, N, D] (fp16/bf16/fp32, any strides); layer b uses its first ``lengths[b]`` rows
     (default all N). Returns idx [.., N, k] int64 (layer-local, -1 on padded rows) and squared distances
-    [.., N, k] float32 (+inf on padded rows).
+    [.., N, k] float32 (+inf on padded rows). splits: programs sharing one row block's columns (default: 1 in
+    the interpreter, up to 8 on a GPU so the query strip is read from L2, see the module docstring).
     """
     check_tensor(x, "x", (2, 3), _DTYPES)
     squeeze = x.dim() == 2
@@ -153,8 +167,8 @@ def knn_topk(x: torch.Tensor, k: int, lengths: Sequence[int] | torch.Tensor | No
     b, n_max, d = x3.shape
     if d < 1 or n_max >= 2**31:
         raise ValueError(f"x: expected 1 <= D and N < 2^31 rows, got shape {tuple(x.shape)}")
-    if b > 65535:
-        raise ValueError(f"x: expected at most 65535 layers (the grid's second axis), got {b}")
+    if b > 65535 or n_max > 65535 * 32:
+        raise ValueError(f"x: expected at most 65535 layers and 2M rows (grid limits), got shape {tuple(x.shape)}")
     lens = _lengths(lengths, b, n_max, x.device)
     n_min = int(lens.min())
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < n_min:
@@ -162,17 +176,23 @@ def knn_topk(x: torch.Tensor, k: int, lengths: Sequence[int] | torch.Tensor | No
     check_int(k, "k", 1, K_MAX)
     if not bool(torch.isfinite(x3).all()):
         raise ValueError("x: expected finite values, got NaN/Inf entries")
+    if splits is None:
+        splits = 1 if INTERPRET else max(1, min(8, n_max // 1024))
+    check_int(splits, "splits", 1, max(1, n_max))
     sqn = alloc([b, n_max], torch.float32, x.device)
     _row_sqnorm_kernel[(triton.cdiv(n_max, 32), b)](x3, lens, sqn, n_max, d, *x3.stride(), BLOCK_R=32,
                                                     BLOCK_D=min(128, next_pow2(d)))
-    idx = alloc([b, n_max, k], torch.int64, x.device)
-    dist = alloc([b, n_max, k], torch.float32, x.device)
+    keys = alloc([b, n_max, splits, k], torch.int64, x.device)
 
-    def grid(meta: dict[str, int]) -> tuple[int, int]:
-        return triton.cdiv(n_max, meta["BLOCK_M"]), b
+    def grid(meta: dict[str, int]) -> tuple[int, int, int]:
+        return splits, triton.cdiv(n_max, meta["BLOCK_M"]), b
 
-    _knn_topk_kernel[grid](x3, sqn, lens, idx, dist, n_max, d, k, *x3.stride(), K_PAD=next_pow2(k),
+    _knn_topk_kernel[grid](x3, sqn, lens, keys, n_max, d, k, splits, *x3.stride(), K_PAD=next_pow2(k),
                            UPCAST=INTERPRET and x.dtype == torch.bfloat16, DOT_PRECISION=_dot_precision(x))
+    keys = keys.view(b, n_max, splits * k)
+    if splits > 1:  # merge the per-split sorted lists; keys are unique, so ties still go to the lower index
+        keys = torch.topk(keys, k, dim=2, largest=False, sorted=True).values
+    idx, dist = unpack_keys(keys)
     return (idx[0], dist[0]) if squeeze else (idx, dist)
 
 

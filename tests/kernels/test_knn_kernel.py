@@ -16,9 +16,9 @@ def _assert_written(idx, dist):
     assert not (idx == SENTINEL).any(), "an index was never written (sentinel poison survived)"
 
 
-def _check_close(x, k, lengths=None):
+def _check_close(x, k, lengths=None, splits=None):
     """Distances match the reference; indices match except where the reference has a near-tie."""
-    idx, dist = knn_topk(x, k, lengths)
+    idx, dist = knn_topk(x, k, lengths, splits=splits)
     _assert_written(idx, dist)
     ri, rd = knn_topk_torch(x, k, lengths)
     scale = float(rd[torch.isfinite(rd)].max())
@@ -60,7 +60,8 @@ def test_knn_topk_half_precision_accumulates_in_fp32(device, dtype):
     _check_close(x, 6)
 
 
-def test_knn_topk_ties_and_duplicates_exact(device):
+@pytest.mark.parametrize("splits", [1, 3])
+def test_knn_topk_ties_and_duplicates_exact(device, splits):
     # small integers: every distance is exact in fp32, so ties are real ties and must go to the lower index
     g = torch.Generator().manual_seed(3)
     x = torch.randint(-2, 3, (45, 9), generator=g).float()
@@ -68,7 +69,7 @@ def test_knn_topk_ties_and_duplicates_exact(device):
     x[20] = x[3]  # a triple of identical rows
     x[44] = x[0]
     x = x.to(device)
-    idx, dist = knn_topk(x, 7)
+    idx, dist = knn_topk(x, 7, splits=splits)  # 3 splits: tied rows 3, 10, 20 and 0, 44 land in different ones
     _assert_written(idx, dist)
     ri, rd = knn_topk_torch(x, 7)
     assert torch.equal(idx, ri) and torch.equal(dist, rd)
@@ -76,15 +77,15 @@ def test_knn_topk_ties_and_duplicates_exact(device):
     assert idx[20, :2].tolist() == [3, 10]
 
 
-@pytest.mark.parametrize("lengths", [[45], [45, 12, 30]])
-def test_knn_topk_ragged_batch(device, lengths):
+@pytest.mark.parametrize("lengths,splits", [([45], 1), ([45, 12, 30], 1), ([45, 12, 30], 4)])
+def test_knn_topk_ragged_batch(device, lengths, splits):
     b = len(lengths)
     g = torch.Generator().manual_seed(4)
     x = torch.randint(-3, 4, (b, 45, 6), generator=g).float()
     for layer, n in enumerate(lengths):
         x[layer, n:] = x[layer, 0]  # padding rows at distance 0 from row 0: picked if the kernel ever read them
     x = x.to(device)
-    idx, dist = knn_topk(x, 5, lengths)
+    idx, dist = knn_topk(x, 5, lengths, splits=splits)  # 4 splits > column tiles of the 12-row layer
     _assert_written(idx, dist)
     ri, rd = knn_topk_torch(x, 5, lengths)
     assert torch.equal(idx, ri) and torch.equal(dist, rd)
@@ -93,9 +94,10 @@ def test_knn_topk_ragged_batch(device, lengths):
         assert bool((idx[layer, n:] == -1).all()) and bool(torch.isinf(dist[layer, n:]).all())
 
 
-def test_knn_topk_ragged_batch_random_floats(device):
-    x = torch.randn(2, 50, 24, device=device)
-    _check_close(x, 3, [50, 17])
+@pytest.mark.parametrize("splits", [1, 2])
+def test_knn_topk_ragged_batch_random_floats(device, splits):
+    x = torch.randn(2, 70, 24, device=device)
+    _check_close(x, 3, [70, 17], splits=splits)
 
 
 @pytest.mark.parametrize("layout", ["sliced", "transposed", "batch-transposed"])
@@ -134,6 +136,8 @@ def test_knn_topk_validates_inputs(device):
         knn_topk(torch.randn(2, 10, 4, device=device), 3, [10, 3])
     bad = x.clone()
     bad[2, 1] = float("inf")
+    with pytest.raises(ValueError, match="splits"):
+        knn_topk(x, 3, splits=0)
     with pytest.raises(ValueError, match="finite"):
         knn_topk(bad, 3)
     with pytest.raises(TypeError, match="torch.Tensor"):
