@@ -5,12 +5,12 @@ from .errors import BackendUnavailableError, ConvergenceWarning, NotPSDError, Nu
 from .ops import Graph, KnnGraph, LobpcgResult, generalized_eigh_dense, graph_laplacian, knn_graph, lobpcg
 from .scoring import ScoreResult, score
 from .stats import SignalStats
-from .units import UnitGroup, declare_group, discover_groups  # noqa: E402  (issue 4: unit groups)
-from .capture import capture, capture_taylor  # noqa: E402
-from .masking import masked  # noqa: E402
-from .surgery import remove_units  # noqa: E402
-from .accounting import count_params, epr, flops  # noqa: E402
-from .io import load_pruned, save_pruned  # noqa: E402
+from .units import UnitGroup, declare_group, discover_groups
+from .capture import capture, capture_taylor
+from .masking import masked
+from .surgery import remove_units
+from .accounting import count_params, epr, flops
+from .io import load_pruned, save_pruned
 
 __all__ = [
     "BackendUnavailableError", "ConvergenceWarning", "Graph", "KnnGraph", "LobpcgResult", "NotPSDError",

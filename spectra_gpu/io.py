@@ -82,6 +82,8 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike[str], tokenizer: 
     record = {"version": FORMAT_VERSION, "format": "hf" if hf else "torch",
               "class": f"{type(model).__module__}.{type(model).__qualname__}", "class_name": type(model).__name__,
               "groups": widths(model)}
+    if hf:  # the attention kernel changes float rounding: reload with the one the model ran with
+        record["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         save_model(model, str(tmp / _WEIGHTS), metadata={"format": "pt"})
@@ -126,6 +128,8 @@ def _build_hf(d: Path, rec: dict[str, Any]) -> nn.Module:
     except ImportError:  # transformers 4.x
         from transformers.modeling_utils import no_init_weights  # type: ignore[no-redef,attr-defined]
     config = AutoConfig.from_pretrained(str(d))
+    if rec.get("attn_implementation"):
+        config._attn_implementation = rec["attn_implementation"]
     with no_init_weights():
         return cls(config)  # type: ignore[no-any-return]
 
