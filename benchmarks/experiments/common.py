@@ -224,6 +224,18 @@ register_scorer("hybrid", _hybrid(SPECTRAL_DEFAULT))
 register_scorer("hybrid_full", _hybrid({**SPECTRAL_DEFAULT, "num_eigs": "full"}))
 register_scorer("hybrid_rank", _hybrid(SPECTRAL_DEFAULT, rank=True))
 
+
+def _top_first(ctx: ScoreContext) -> ScoreOutput:
+    """The default spectral score negated (prune the highest first): the sanity gate of algorithm.md 8.3;
+    if this hurts less than bottom-first, the ordering carries no usable signal."""
+    out = SCORERS["spectral"](ctx)
+    s = -out.scores
+    s[out.scores == -math.inf] = -math.inf  # dead units still go first
+    return ScoreOutput(s, out.neighbors, out.extra)
+
+
+register_scorer("spectral_top_first", _top_first)
+
 # experiment name -> (registered scorer, options); the spectral names encode the change from the default
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "spectral": ("spectral", {}),
@@ -237,6 +249,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "spectral_k20": ("spectral", {"k": 20}),
     "spectral_raw": ("spectral", {"preprocess": "raw"}),
     "spectral_full_rev": ("spectral", {"num_eigs": "full", "direction": "rev"}),
+    "spectral_top_first": ("spectral_top_first", {}),
     "hybrid": ("hybrid", {}),
     "hybrid_full": ("hybrid_full", {}),
     "hybrid_rank": ("hybrid_rank", {}),

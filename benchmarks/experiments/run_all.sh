@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The evidence suite of issue 3, one job after the other, 1 thread each (2-core CPU shared with others).
+# Usage: bash benchmarks/experiments/run_all.sh [step ...]   (default: every step, in this order)
+# Each step writes benchmarks/results/evidence/<name>.json and logs/<name>.log; then make_report.py builds
+# benchmarks/results/README.md from the JSONs.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+PY=.venv/bin/python
+E=benchmarks/experiments
+O=benchmarks/results/evidence
+mkdir -p "$O/logs"
+CORE="spectral spectral_top_first spectral_s128 spectral_full spectral_rev spectral_sym hybrid hybrid_full hybrid_rank wanda_sp flap act_var weight_l1 taylor random"
+
+step() {
+  local name=$1; shift
+  echo "[$(date +%H:%M:%S)] $name: $*"
+  "$PY" "$@" --out "$O/$name.json" > "$O/logs/$name.log" 2>&1
+}
+
+run() {
+  case $1 in
+    removal_mlp) step removal_mlp $E/exp_removal.py --setup mlp --seeds 0 1 2 ;;
+    removal_mlp_top_first) step removal_mlp_top_first $E/exp_removal.py --setup mlp --seeds 0 1 2 \
+                             --methods spectral_top_first --no-round-study ;;
+    ablation_mlp) step ablation_mlp $E/exp_ablation.py --setup mlp --group layer1 ;;
+    ablation_mlp_layer2) step ablation_mlp_layer2 $E/exp_ablation.py --setup mlp --group layer2 ;;
+    finetune_mlp) step finetune_mlp $E/exp_finetune.py --setup mlp --seeds 0 1 2 ;;
+    removal_cnn) step removal_cnn $E/exp_removal.py --setup cnn --seeds 0 1 2 --methods $CORE \
+                   --modes oneshot iter10 iter10_nbh --no-round-study ;;
+    finetune_cnn) step finetune_cnn $E/exp_finetune.py --setup cnn --seeds 0 1 2 ;;
+    removal_minilm) step removal_minilm $E/exp_removal.py --setup minilm --fractions 0.25 0.5 \
+                      --methods spectral spectral_top_first spectral_full hybrid_rank wanda_sp flap act_var taylor weight_l1 random \
+                      --modes oneshot iter10_nbh --no-round-study ;;
+    ablation_minilm) step ablation_minilm $E/exp_ablation.py --setup minilm --units 192 \
+                       --methods spectral spectral_full spectral_rev hybrid hybrid_rank wanda_sp flap act_var act_mean weight_l1 taylor random ;;
+    removal_smollm2) step removal_smollm2 $E/exp_removal.py --setup smollm2 --scopes all --fractions 0.25 0.5 \
+                       --methods spectral spectral_full hybrid_rank wanda_sp flap act_var random \
+                       --modes oneshot --no-round-study ;;
+    *) echo "unknown step $1" >&2; exit 2 ;;
+  esac
+}
+
+STEPS=("$@")
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(removal_mlp removal_mlp_top_first ablation_mlp ablation_mlp_layer2 finetune_mlp removal_cnn removal_minilm
+                                 finetune_cnn ablation_minilm removal_smollm2)
+for s in "${STEPS[@]}"; do run "$s"; done
+"$PY" $E/make_report.py
