@@ -123,6 +123,8 @@ class _AttnEntry:
 
 def _rows(t: torch.Tensor, kind: str, conv: bool, mask: torch.Tensor | None) -> torch.Tensor:
     """[N units, S samples] view of an activation tensor (a token mask drops padding)."""
+    if mask is not None:
+        mask = mask.to(device=t.device, dtype=torch.bool)
     if kind == "attn":  # [B, H, T, d] -> units (h, j), samples (b, t)
         b, h, tt, d = t.shape
         x = t.permute(1, 3, 0, 2)
@@ -191,7 +193,6 @@ class _Session:
         self.done: list[_Entry] = []
         self.names = {m: n for n, m in model.named_modules()}
         self.handles: list[Any] = []
-        self.batch = 0
 
     # ---- hooks -----------------------------------------------------------------------------------------
     def install(self) -> None:
