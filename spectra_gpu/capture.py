@@ -79,7 +79,8 @@ class _GroupCapture:
             raise ValueError(f"group {g.name!r}: expected at least 3 units to capture signals for, got {g.size}")
         self.g, self.rows, self.cap = g, rows, max_samples
         exact = g.kind == "head"
-        self.stats = SignalStats(g.size, mode="exact" if exact else mode, sketch_dim=sketch_dim, seed=seed)
+        self.stats = SignalStats(g.size, mode="exact" if exact else mode, sketch_dim=sketch_dim, seed=seed,
+                                 device=g.consumer.weight.device)
         self.count = 0
         self.pending: Tensor | None = None
         self.pos: Tensor | None = None
@@ -177,7 +178,8 @@ def _bar(batches: Iterable[Any], show: bool, desc: str) -> Iterable[Any]:
 
 def capture(model: nn.Module, groups: Sequence[UnitGroup], batches: Iterable[Any], *,
             forward: ForwardFn | None = None, max_samples: int | None = None, positions_per_image: int | None = 64,
-            mode: str = "exact", sketch_dim: int = 4096, seed: int = 0, progress: bool = True) -> dict[str, SignalStats]:
+            mode: str = "exact", sketch_dim: int = 4096, seed: int = 0,
+            progress: bool = True) -> dict[str, SignalStats]:
     """{group name: SignalStats} of every group's (Z, A) over ``batches`` in one no-grad pass (eval mode;
     the training flag is restored). ``batches`` yields model inputs: a tensor, an (inputs, labels) pair or a
     Hugging Face dict whose ``attention_mask`` drops padding tokens. Stops early once every group holds

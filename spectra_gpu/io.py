@@ -202,7 +202,8 @@ def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = Non
     if model is None:
         if rec["format"] != "hf":
             raise ValueError(f"load_pruned: {d} holds a plain torch module ({rec['class']}); its class is not "
-                             f"pickled, so pass model=<a fresh instance of that class>, e.g. load_pruned(d, model=Net())")
+                             f"pickled, so pass model=<a fresh instance of that class>, e.g. "
+                             f"load_pruned(d, model=Net())")
         model = _build_hf(d, rec)
     elif not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module or None, got {type(model).__name__}")

@@ -3,12 +3,13 @@
 
 A group is a set of N units that are removed together with everything attached to them:
 
-| kind | producer rows (+ bias) | norm | consumer input slice | signals (Z, A) |
+| kind | producer rows (+ bias) | norm | consumer input slice | signals Z, A |
 | --- | --- | --- | --- | --- |
-| neuron | Linear | BatchNorm1d | Linear columns | BN (or Linear) output, act(Z) |
-| channel | Conv2d filters | BatchNorm2d | Conv2d in-channels, or the H*W flattened columns of a Linear | same, per position |
-| ffn | BERT intermediate.dense / Llama gate_proj + up_proj | - | output.dense / down_proj columns | BERT: dense out, GELU(Z); Llama: gate out, down_proj input |
-| head | q/k/v rows of the head | - | attention out-projection columns | residual writes (capture.py) |
+| neuron | Linear | BatchNorm1d | Linear columns | BN (or Linear) out, act(Z) |
+| channel | Conv2d filters | BatchNorm2d | Conv2d in-channels, or H*W flattened Linear columns | same, per position |
+| ffn (BERT) | intermediate.dense | - | output.dense columns | dense out, GELU(Z) |
+| ffn (Llama) | gate_proj + up_proj | - | down_proj columns | gate out, down_proj input |
+| head | q/k/v rows of the head | - | out-projection columns | residual writes (capture.py) |
 
 Every unit is a contiguous slice of the consumer's input (``cols_per_unit`` columns / channels): zeroing that
 slice is what ``masked`` does and what physical removal must equal.
@@ -208,7 +209,8 @@ def _bert_groups(path: str, layer: nn.Module) -> list[UnitGroup]:
                     paths={"producer": f"{p}intermediate.dense", "consumer": f"{p}output.dense"})
     sa = att.self
     head = UnitGroup(f"{p}attn", "head", (), att.output.dense, arch="bert", unit="head", attn=sa, q=sa.query,
-                     k=sa.key, v=sa.value, paths={"attn": f"{p}attention.self", "consumer": f"{p}attention.output.dense"})
+                     k=sa.key, v=sa.value,
+                     paths={"attn": f"{p}attention.self", "consumer": f"{p}attention.output.dense"})
     return [ffn, head]
 
 
@@ -246,7 +248,8 @@ def _structured_groups(model: nn.Module, gqa: str) -> list[UnitGroup]:
         elif _is_swiglu(m):
             parent = _parent(path)
             out.append(UnitGroup(f"{parent}.ffn" if parent else "ffn", "ffn", (m.gate_proj, m.up_proj), m.down_proj,
-                                 arch="llama", paths={"producer": f"{path}.gate_proj", "consumer": f"{path}.down_proj"}))
+                                 arch="llama",
+                                 paths={"producer": f"{path}.gate_proj", "consumer": f"{path}.down_proj"}))
         elif _is_llama_attn(m):
             out.append(_llama_attn_group(path, m, gqa))
     return out
@@ -352,12 +355,14 @@ def _fx_groups(model: nn.Module) -> tuple[list[UnitGroup], str | None]:
         if nxt is None:
             continue
         cpath = str(nxt.target)
-        out.append(UnitGroup(str(node.target), "neuron" if is_lin else "channel", (prod,), mods[cpath], norm=norm,  # type: ignore[arg-type]
+        kind = "neuron" if is_lin else "channel"
+        out.append(UnitGroup(str(node.target), kind, (prod,), mods[cpath], norm=norm,  # type: ignore[arg-type]
                              act=act, paths={"producer": str(node.target), "consumer": cpath}))
     return out, None
 
 
-def discover_groups(model: nn.Module, kinds: Iterable[str] | str | None = None, *, gqa: str = "query") -> list[UnitGroup]:
+def discover_groups(model: nn.Module, kinds: Iterable[str] | str | None = None, *,
+                    gqa: str = "query") -> list[UnitGroup]:
     """Every prunable unit group of ``model`` found automatically (module docstring), in module order,
     optionally restricted to ``kinds`` (subset of "neuron", "channel", "ffn", "head")."""
     if not isinstance(model, nn.Module):

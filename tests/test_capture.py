@@ -17,7 +17,8 @@ def _same_stats(got: SignalStats, z: torch.Tensor, a: torch.Tensor, rtol: float 
     alive = torch.ones(z.shape[0], dtype=torch.bool)
     z, a = z.double(), a.double()
     for side, x in (("pre", z), ("post", a)):
-        torch.testing.assert_close(got.gram(side, "raw", alive), x @ x.T, rtol=rtol, atol=rtol * float((x * x).sum(1).max()))
+        scale = float((x * x).sum(1).max())
+        torch.testing.assert_close(got.gram(side, "raw", alive), x @ x.T, rtol=rtol, atol=rtol * scale)
         mu, sd = got.mean_std(side)
         torch.testing.assert_close(mu, x.mean(1), rtol=rtol, atol=1e-6)
         torch.testing.assert_close(sd, x.std(1, unbiased=False), rtol=rtol, atol=1e-6)
