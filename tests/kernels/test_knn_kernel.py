@@ -1,12 +1,15 @@
 """Fused distance + running top-k kernel vs its torch reference (ops.knn.knn_torch, itself checked against a
 numpy brute force in tests/ops): weird shapes, ties, ragged batches, dtypes, strides, poisoned outputs."""
 
+import kernel_fixtures  # skips this module without triton
 import numpy as np
 import pytest
 import torch
 
 from spectra_gpu.kernels import _utils
 from spectra_gpu.kernels.knn import K_MAX, knn_topk, knn_topk_torch
+
+device, poison = kernel_fixtures.device, kernel_fixtures.poison  # CPU-interpreter/CUDA device; poisoned outputs
 
 SENTINEL = torch.iinfo(torch.int64).min
 

@@ -1,6 +1,7 @@
 """Laplacian assembly and SpMM kernels vs their torch references (ops.laplacian, checked against dense D - W and
 known spectra in tests/ops) and a dense numpy oracle for generic directed graphs."""
 
+import kernel_fixtures  # skips this module without triton
 import numpy as np
 import pytest
 import torch
@@ -9,6 +10,8 @@ from spectra_gpu.kernels import laplacian as kl
 from spectra_gpu.kernels.knn import knn_topk_torch
 from spectra_gpu.ops.knn import KnnGraph, SqDist
 from spectra_gpu.ops.laplacian import connect, laplacian_csr, laplacian_dense, union_graph
+
+device, poison = kernel_fixtures.device, kernel_fixtures.poison  # CPU-interpreter/CUDA device; poisoned outputs
 
 SENTINEL = torch.iinfo(torch.int64).min
 

@@ -1,12 +1,15 @@
 """sg.score through the triton backend (kNN, union graph, Laplacian, SpMM kernels; LOBPCG over them) against the
 torch backend on the same data. Call counters prove the kernels ran rather than a silent fallback."""
 
+import kernel_fixtures  # skips this module without triton
 import pytest
 import torch
 
 import spectra_gpu as sg
 from spectra_gpu.kernels import knn as kknn
 from spectra_gpu.kernels import laplacian as klap
+
+device, poison = kernel_fixtures.device, kernel_fixtures.poison  # CPU-interpreter/CUDA device; poisoned outputs
 
 
 def relu_layer(n, m, seed):

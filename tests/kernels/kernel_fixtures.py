@@ -1,4 +1,7 @@
-"""Kernel tests run twice where they can: on CPU tensors under the Triton interpreter (CI; tests/conftest.py sets
+"""Fixtures of the kernel tests (a plain module, not a conftest.py: tests/conftest.py is imported by name as
+`conftest` elsewhere, and a second conftest.py on sys.path would shadow it).
+
+Kernel tests run twice where they can: on CPU tensors under the Triton interpreter (CI; tests/conftest.py sets
 TRITON_INTERPRET=1 before anything imports triton) and on CUDA tensors on a GPU machine (run there with
 TRITON_INTERPRET=0). Every kernel output buffer is NaN/sentinel-poisoned before the launch."""
 
@@ -15,7 +18,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @pytest.fixture(autouse=True)
-def _poison(monkeypatch):
+def poison(monkeypatch):
     monkeypatch.setattr(_utils, "POISON", True)
     yield
 
