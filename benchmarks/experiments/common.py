@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import spectra_gpu as sg
-from spectra_gpu.scorers import SCORERS, ScoreContext, ScoreOutput, Scorer, register_scorer, run_scorer
+from spectra_gpu.scorers import NEEDS_TAYLOR, SCORERS, ScoreContext, ScoreOutput, Scorer, register_scorer, run_scorer
 from spectra_gpu.selection import percentile_ranks, select_units
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -236,6 +236,20 @@ def _top_first(ctx: ScoreContext) -> ScoreOutput:
 
 register_scorer("spectral_top_first", _top_first)
 
+
+def _taylor_rank(ctx: ScoreContext) -> ScoreOutput:
+    """Percentile rank of the spectral score x percentile rank of Taylor-FO: does the spectral structure add
+    information to the best first-order criterion?"""
+    spec = SCORERS["spectral"](ctx)
+    tay = SCORERS["taylor"](ScoreContext(ctx.stats, ctx.in_weight, ctx.out_weight, ctx.taylor, ctx.seed)).scores
+    n = len(tay)
+    s = (percentile_ranks(spec.scores) + 1.0 / n) * (percentile_ranks(tay) + 1.0 / n)
+    s[spec.scores == -math.inf] = -math.inf
+    return ScoreOutput(s, spec.neighbors, spec.extra)
+
+
+register_scorer("hybrid_taylor_rank", _taylor_rank, needs_taylor=True)
+
 # experiment name -> (registered scorer, options); the spectral names encode the change from the default
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "spectral": ("spectral", {}),
@@ -253,6 +267,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "hybrid": ("hybrid", {}),
     "hybrid_full": ("hybrid_full", {}),
     "hybrid_rank": ("hybrid_rank", {}),
+    "hybrid_taylor_rank": ("hybrid_taylor_rank", {}),
     "wanda_sp": ("wanda_sp", {}),
     "flap": ("flap", {}),
     "act_var": ("act_var", {}),
@@ -313,7 +328,7 @@ def run_removal(setup: Setup, groups: list[str], method: str, fractions: list[fl
     """
     setup.reset()
     n0 = {g: setup.groups[g].n for g in groups}
-    taylor = METHODS[method][0] == "taylor"
+    taylor = METHODS[method][0] in NEEDS_TAYLOR
     points = []
     t_score = 0.0
     n_rounds = 0
@@ -380,6 +395,7 @@ def write_json(path: Path | str, obj: Any) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=1, default=_jsonable)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

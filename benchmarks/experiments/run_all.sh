@@ -23,6 +23,8 @@ run() {
     removal_mlp) step removal_mlp $E/exp_removal.py --setup mlp --seeds 0 1 2 ;;
     removal_mlp_top_first) step removal_mlp_top_first $E/exp_removal.py --setup mlp --seeds 0 1 2 \
                              --methods spectral_top_first --no-round-study ;;
+    removal_mlp_hybrid_taylor) step removal_mlp_hybrid_taylor $E/exp_removal.py --setup mlp --seeds 0 1 2 \
+                                 --methods hybrid_taylor_rank --no-round-study ;;
     ablation_mlp) step ablation_mlp $E/exp_ablation.py --setup mlp --group layer1 ;;
     ablation_mlp_layer2) step ablation_mlp_layer2 $E/exp_ablation.py --setup mlp --group layer2 ;;
     finetune_mlp) step finetune_mlp $E/exp_finetune.py --setup mlp --seeds 0 1 2 ;;
@@ -41,8 +43,14 @@ run() {
   esac
 }
 
-STEPS=("$@")
-[ ${#STEPS[@]} -eq 0 ] && STEPS=(removal_mlp removal_mlp_top_first ablation_mlp ablation_mlp_layer2 finetune_mlp removal_cnn removal_minilm
-                                 finetune_cnn ablation_minilm removal_smollm2)
-for s in "${STEPS[@]}"; do run "$s"; done
-"$PY" $E/make_report.py
+main() {
+  local steps=("$@")
+  [ ${#steps[@]} -eq 0 ] && steps=(removal_mlp removal_mlp_top_first removal_mlp_hybrid_taylor ablation_mlp
+                                   ablation_mlp_layer2 finetune_mlp removal_cnn removal_minilm finetune_cnn
+                                   ablation_minilm removal_smollm2)
+  for s in "${steps[@]}"; do run "$s"; done
+  "$PY" $E/make_report.py
+}
+
+# parsed in full before anything runs, so editing this file does not disturb a running suite
+main "$@"; exit
