@@ -79,8 +79,10 @@ try:
 except Exception as e:
     err = f"{type(e).__name__}: {e}"
 auto = [select("knn_graph", x, 3) is REGISTRY["torch"].ops["knn_graph"] for _ in range(3)]
-print(json.dumps({"err": err, "auto": auto, "logs": records}))
+import sys
+print(json.dumps({"err": err, "auto": auto, "logs": records, "kernels": "spectra_gpu.kernels" in sys.modules}))
 """, TRITON_INTERPRET="0")
+    assert not res["kernels"]  # without a GPU, dispatch never loads the kernel modules
     assert res["err"].startswith("BackendUnavailableError: knn_graph: backend 'triton' rejected: no CUDA device")
     assert res["auto"] == [True, True, True]
     triton_logs = [m for m in res["logs"] if "'triton'" in m]

@@ -29,15 +29,13 @@ _FLOATS_KNN = (torch.float16, torch.bfloat16, torch.float32)
 def _available() -> tuple[bool, str]:
     if importlib.util.find_spec("triton") is None:
         return False, "triton is not installed (pip install 'spectra_gpu[cuda]')"
+    if not INTERPRET and not torch.cuda.is_available():  # checked first: no triton import (~1 s) for nothing
+        return False, ("no CUDA device (torch.cuda.is_available() is False); TRITON_INTERPRET=1 runs the kernels "
+                       "on CPU for testing")
     try:
         from ..kernels import knn, laplacian  # noqa: F401  (defines the kernels; compiles nothing)
     except Exception as e:  # a broken or mismatched triton install: report it, never crash the import
         return False, f"importing the Triton kernels failed: {type(e).__name__}: {e}"
-    if INTERPRET:
-        return True, ""
-    if not torch.cuda.is_available():
-        return False, ("no CUDA device (torch.cuda.is_available() is False); TRITON_INTERPRET=1 runs the kernels "
-                       "on CPU for testing")
     return True, ""
 
 
