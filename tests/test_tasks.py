@@ -46,14 +46,15 @@ def test_digits_batches_are_seeded_and_cover_the_training_split(digits):
     split = zoo.digits()
     assert n == len(split.y_train)
     # calibration images come from the training split, none from the test split
-    calib = torch.cat(digits.calib).flatten(1)
+    calib = torch.cat([x for x, _ in digits.calib]).flatten(1)
     train = split.x_train.flatten(1)
-    assert torch.equal(calib, train[: len(calib)])
-    assert sum(len(b) for b in digits.calib) == sum(len(y) for _, y in digits.calib_labelled)
+    mu, sd = train.mean(0), train.std(0).clamp_min(0.05)
+    torch.testing.assert_close(calib, (train[: len(calib)] - mu) / sd)
+    assert torch.equal(torch.cat([y for _, y in digits.calib]), split.y_train[: len(calib)])
 
 
 def test_classification_loss_and_accuracy_match_manual(digits):
-    x, y = digits.calib_labelled[0]
+    x, y = digits.calib[0]
     logits = digits.model(x)
     assert torch.allclose(tasks.classification_loss(digits.model, (x, y)), F.cross_entropy(logits, y))
     assert tasks.accuracy(digits.model, [(x, y)]) == pytest.approx(float((logits.argmax(1) == y).float().mean()))
@@ -116,16 +117,17 @@ def test_mnist_cnn_task():
     t = load_task("mnist-cnn")
     assert t.kinds == ("channel", "neuron")
     assert t.evaluate(t.model) > 0.9
-    assert t.calib[0].shape[1:] == (1, 28, 28)
+    assert t.calib[0][0].shape[1:] == (1, 28, 28)
 
 
 def test_minilm_rotten_tomatoes_head_beats_majority():
     t = tasks._text_task("minilm-rt", None, None, 0, 0.0, n_train=256, n_test=200, n_calib=32)
     acc = t.evaluate(t.model)
     assert acc > 0.62  # the majority class (fresh) is 58%
-    assert t.epr_basis == "prunable" and t.kinds == ("neuron", "head")
+    assert t.epr_basis == "prunable" and t.kinds == ("ffn", "head")
     b = t.calib[0]
-    assert set(b) == {"input_ids", "attention_mask"} and b["input_ids"].shape[1] <= 64
+    assert set(b) == {"input_ids", "attention_mask", "labels"} and b["input_ids"].shape[1] <= 64
+    assert t.forward(t.model, b).shape == (len(b["labels"]), 2)
 
 
 def test_smollm2_hamlet_perplexity_is_finite_and_sane():

@@ -1,0 +1,325 @@
+"""The iterative driver: exact EPR target per unit kind (counted on the sliced model), min-keep, GQA balance,
+resume after an injected crash gives the same report, options and errors."""
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spectra_gpu import accounting, units
+from spectra_gpu.driver import PruneConfig, TargetUnreachableError, prune, score_model
+from spectra_gpu.finetune import FinetuneConfig
+from spectra_gpu.report import atomic_write
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def _xy(n, d, classes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    w = torch.randn(d, classes, generator=g)
+    return x, (x @ w).argmax(1)
+
+
+def mlp_setup():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 48), nn.ReLU(), nn.Linear(48, 40), nn.ReLU(), nn.Linear(40, 4))
+    x, y = _xy(600, 16, 4)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    calib = [(x[i:i + 200], y[i:i + 200]) for i in range(0, 400, 200)]
+    test = (x[400:], y[400:])
+
+    def loss_fn(m, b):
+        return F.cross_entropy(m(b[0]), b[1])
+
+    def evaluate(m):
+        return float((m(test[0]).argmax(1) == test[1]).float().mean())
+
+    def train_batches(ep):
+        p = torch.randperm(400, generator=torch.Generator().manual_seed(ep))
+        return [(x[i], y[i]) for i in torch.split(p, 50)]
+
+    return model.eval(), dict(loss_fn=loss_fn, evaluate=evaluate, train_batches=train_batches, metric_name="acc"), calib
+
+
+class TinyCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = nn.Conv2d(16, 24, 3, padding=1), nn.BatchNorm2d(24)
+        self.fc = nn.Linear(24 * 4 * 4, 3)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
+        return self.fc(x.flatten(1))
+
+
+def _bert():
+    from transformers import BertConfig, BertModel
+
+    from spectra_gpu.tasks import EncoderClassifier
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=32)
+    return EncoderClassifier(BertModel(cfg)).eval()
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=60, hidden_size=48, num_hidden_layers=2, num_attention_heads=6,
+                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=32)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _text_batches(n_batches=3, b=8, t=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        ids = torch.randint(1, 60, (b, t), generator=g)
+        mask = torch.ones(b, t, dtype=torch.int64)
+        mask[: b // 2, t - 3:] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def _check_target(model, report, cfg, costs_before):
+    """EPR >= target on the sliced model, overshoot below one removal item (a unit, or a GQA block; its cost
+    at the original widths bounds its cost at any later width), widths >= min-keep and never growing."""
+    p_after = accounting.count_params(model)
+    assert p_after == report["params_after"]
+    p0 = report["params_before"]
+    denom = p0 if cfg.epr_basis == "total" else report["params_prunable_before"]
+    epr = (p0 - p_after) / denom
+    assert epr == pytest.approx(report["epr"])
+    assert epr >= cfg.target
+    last = report["rounds"][-1]
+    item = max(costs_before[n] for n in last["removed"])
+    assert (epr - cfg.target) * denom < item
+    widths_prev = report["rounds"][-2]["widths"] if len(report["rounds"]) > 1 else report["widths_before"]
+    for name, w in report["widths_after"].items():
+        assert report["min_keep"][name] <= w <= widths_prev[name]
+
+
+def _unit_costs(model, kinds):
+    out = {}
+    for g in units.discover_groups(model, kinds):
+        block = int(g.kv_heads) if g.kind == "head" and g.unit == "query" else 1
+        out[g.name] = block * g.unit_params()
+    return out
+
+
+def test_mlp_neurons_hit_target_exactly():
+    model, kw, calib = mlp_setup()
+    cfg = PruneConfig(target=0.4, kinds=("neuron",), round_fraction=0.1, finetune=FinetuneConfig(epochs=1))
+    costs = _unit_costs(model, cfg.kinds)
+    res = prune(model, calib, cfg, **kw)
+    rep = res.report
+    _check_target(res.model, rep, cfg, costs)
+    assert len(rep["rounds"]) >= 2
+    assert rep["metric_before"] is not None and rep["metric_after_finetune"] is not None
+    assert all(r["seconds_scoring"] >= 0 for r in rep["rounds"])
+    # every round removed ceil(10%) of each group's width, except the trimmed last one
+    r1 = rep["rounds"][0]
+    assert r1["removed"] == {"0": 5, "2": 4}
+    # physically smaller: the model runs at the new widths
+    assert res.model(torch.randn(3, 16)).shape == (3, 4)
+
+
+def test_cnn_channels_hit_target():
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    x = torch.randn(64, 1, 16, 16)
+    y = torch.randint(0, 3, (64,))
+    calib = [(x[:32], y[:32]), (x[32:], y[32:])]
+    cfg = PruneConfig(target=0.3, kinds=("channel",), round_fraction=0.1, scorer="l1",
+                      finetune=FinetuneConfig(epochs=0))
+    costs = _unit_costs(model, cfg.kinds)
+    res = prune(model, calib, cfg)
+    _check_target(res.model, res.report, cfg, costs)
+    assert res.report["metric_after_finetune"] is None
+    assert res.model(torch.randn(2, 1, 16, 16)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("kinds", [("ffn",), ("head",)])
+def test_bert_ffn_and_heads_hit_target(kinds):
+    model = _bert()
+    calib = _text_batches()
+    cfg = PruneConfig(target=0.1 if kinds == ("head",) else 0.2, kinds=kinds, round_fraction=0.1,
+                      epr_basis="prunable", finetune=FinetuneConfig(epochs=0))
+    costs = _unit_costs(model, kinds)
+    res = prune(model, calib, cfg, forward=lambda m, b: m(**b))
+    _check_target(res.model, res.report, cfg, costs)
+    assert res.model(**calib[0]).shape == (8, 2)
+
+
+def test_llama_gqa_query_heads_removed_in_balanced_blocks():
+    model = _llama()
+    calib = _text_batches()
+    cfg = PruneConfig(target=0.05, kinds=("head",), round_fraction=0.05, finetune=FinetuneConfig(epochs=0))
+    costs = _unit_costs(model, cfg.kinds)
+    res = prune(model, calib, cfg)
+    _check_target(res.model, res.report, cfg, costs)
+    for g in units.discover_groups(res.model, ("head",)):
+        assert g.unit == "query" and g.size % int(g.kv_heads) == 0 and g.size >= 2
+    for rec in res.report["rounds"]:
+        for us in rec["removed_units"].values():  # heads 0-2 share KV group 0, heads 3-5 KV group 1
+            assert sum(u < 3 for u in us) == sum(u >= 3 for u in us)
+    assert res.model(**calib[0]).logits.shape[:2] == (8, 12)
+
+
+def _strip(rep):
+    """The report without wall-clock fields."""
+    r = json.loads(json.dumps(rep, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+    for k in list(r):
+        if k.startswith("seconds"):
+            r.pop(k)
+    for rec in r["rounds"]:
+        for k in [k for k in rec if k.startswith("seconds")]:
+            rec.pop(k)
+    for h in r["finetune_history"]:
+        h.pop("seconds")
+    return r
+
+
+class Crash(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("event,at", [("round_end", 2), ("round_start", 3), ("finetune_epoch", 1)])
+def test_resume_after_injected_crash_gives_same_report(tmp_path, event, at):
+    model, kw, calib = mlp_setup()
+    cfg = PruneConfig(target=0.45, kinds=("neuron",), round_fraction=0.1, scorer="spectral",
+                      finetune=FinetuneConfig(epochs=2))
+    ref = prune(copy.deepcopy(model), calib, cfg, out_dir=tmp_path / "ref", **kw)
+
+    def crash(name, info):
+        if name == event and info.get("round", info.get("epoch")) == at:
+            raise Crash(name)
+
+    with pytest.raises(Crash):
+        prune(copy.deepcopy(model), calib, cfg, out_dir=tmp_path / "run", callback=crash, **kw)
+    assert (tmp_path / "run" / "checkpoint.pt").exists()
+    assert not (tmp_path / "run" / "report.json").exists()
+    assert not list((tmp_path / "run").glob(".*.tmp"))
+    seen = []
+    res = prune(copy.deepcopy(model), calib, cfg, out_dir=tmp_path / "run", resume=True,
+                callback=lambda n, i: seen.append((n, i.get("round", i.get("epoch")))), **kw)
+    assert _strip(res.report) == _strip(ref.report)
+    on_disk = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert _strip(on_disk) == _strip(ref.report)
+    for a, b in zip(res.model.state_dict().values(), ref.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    # it really resumed: the rounds before the crash were not redone
+    rounds_done = [i for n, i in seen if n == "round_start"]
+    if event == "finetune_epoch":
+        assert rounds_done == [] and ("finetune_epoch", 1) not in seen
+    else:
+        assert rounds_done and min(rounds_done) == 3
+    for f in ("report.md", "metric_vs_epr.png", "widths.png", "scores_by_layer.png", "eigenvalues.png"):
+        assert (tmp_path / "run" / f).stat().st_size > 0
+
+
+def test_resume_refuses_a_different_config_and_fresh_run_refuses_existing_dir(tmp_path):
+    model, kw, calib = mlp_setup()
+    cfg = PruneConfig(target=0.2, kinds=("neuron",), round_fraction=0.1, finetune=FinetuneConfig(epochs=0))
+    prune(copy.deepcopy(model), calib, cfg, out_dir=tmp_path, **kw)
+    with pytest.raises(ValueError, match="already holds a run"):
+        prune(copy.deepcopy(model), calib, cfg, out_dir=tmp_path, **kw)
+    with pytest.raises(ValueError, match="different configuration"):
+        prune(copy.deepcopy(model), calib, PruneConfig(target=0.3, kinds=("neuron",),
+                                                       finetune=FinetuneConfig(epochs=0)),
+              out_dir=tmp_path, resume=True, **kw)
+
+
+@pytest.mark.parametrize("opts", [dict(scorer="taylor"), dict(scorer="wanda_sp", one_per_neighbourhood=True),
+                                  dict(scorer="spectral", one_per_neighbourhood=True, allocation="global"),
+                                  dict(scorer="random", allocation="global")])
+def test_scorers_and_selection_options_reach_the_target(opts):
+    model, kw, calib = mlp_setup()
+    cfg = PruneConfig(target=0.3, kinds=("neuron",), round_fraction=0.1, finetune=FinetuneConfig(epochs=0), **opts)
+    costs = _unit_costs(model, cfg.kinds)
+    res = prune(model, calib, cfg, **kw)
+    _check_target(res.model, res.report, cfg, costs)
+
+
+def test_same_seed_same_removals_and_random_seed_matters():
+    model, kw, calib = mlp_setup()
+    runs = []
+    for seed in (0, 0, 1):
+        cfg = PruneConfig(target=0.2, kinds=("neuron",), scorer="random", seed=seed, round_fraction=0.1,
+                          finetune=FinetuneConfig(epochs=0), track_metric=False)
+        runs.append(prune(copy.deepcopy(model), calib, cfg, **kw).report["rounds"][0]["removed_units"])
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_spectral_removes_dead_units_first():
+    model, kw, calib = mlp_setup()
+    with torch.no_grad():  # kill 3 hidden units of layer 0: zero incoming weights, very negative bias
+        model[0].weight[[5, 9, 11]] = 0
+        model[0].bias[[5, 9, 11]] = -10.0
+    cfg = PruneConfig(target=0.3, kinds=("neuron",), round_fraction=0.1, finetune=FinetuneConfig(epochs=0))
+    rep = prune(model, calib, cfg, **kw).report
+    assert len(rep["rounds"]) > 1  # round 1 was not trimmed
+    assert rep["rounds"][0]["dead_units"]["0"] == 3
+    assert {5, 9, 11} <= set(rep["rounds"][0]["removed_units"]["0"])
+
+
+def test_unreachable_target_fails_fast():
+    model, kw, calib = mlp_setup()
+    with pytest.raises(TargetUnreachableError, match="out of reach"):
+        prune(model, calib, PruneConfig(target=0.95, kinds=("neuron",)), **kw)
+
+
+def test_config_and_input_errors():
+    with pytest.raises(ValueError, match="target"):
+        PruneConfig(target=1.0)
+    with pytest.raises(ValueError, match="target"):
+        PruneConfig(target=0)
+    with pytest.raises(ValueError, match="scorer"):
+        PruneConfig(scorer="nope")
+    with pytest.raises(ValueError, match="kinds"):
+        PruneConfig(kinds=("layers",))
+    with pytest.raises(ValueError, match="round_fraction"):
+        PruneConfig(round_fraction=0)
+    model, kw, calib = mlp_setup()
+    with pytest.raises(ValueError, match="calib"):
+        prune(model, [], PruneConfig())
+    with pytest.raises(ValueError, match="needs gradients"):
+        prune(model, calib, PruneConfig(scorer="taylor"))
+    with pytest.raises(TypeError, match="nn.Module"):
+        prune("model", calib, PruneConfig())
+
+
+def test_score_model_scores_every_group():
+    model, kw, calib = mlp_setup()
+    outs, summary = score_model(model, calib, scorer="flap", kinds=("neuron",))
+    assert set(outs) == {"0", "2"} and outs["0"].scores.shape == (48,)
+    assert summary["groups"]["2"]["n"] == 40 and summary["seconds_scoring"] >= 0
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    p = tmp_path / "f.json"
+    p.write_text("old")
+
+    def boom(f):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(p, boom)
+    assert p.read_text() == "old"
+    assert [q.name for q in tmp_path.iterdir()] == ["f.json"]
