@@ -5,15 +5,20 @@ importances.
 Samples per kind (algorithm.md section 6):
 - neuron: one per input row; ffn: one per non-padding token (``attention_mask`` of dict batches);
 - channel: ``positions_per_image`` seeded random spatial positions of each image (same positions for Z
-  and A), bounding M for large feature maps;
+  and A), bounding M for large feature maps: the default 64 gives M = 6.4e4 for 1000 calibration images,
+  inside the spec's 1e4-1e5 (section 5);
 - head: Z_h = the head's residual write with attention replaced by the identity, V_h W_O^h (V includes its
   bias: since softmax rows sum to 1 the bias term enters both Z_h and A_h identically); A_h = its actual
   write, ctx_h W_O^h. Each non-padding token contributes its d_model write coordinates, so M = tokens x
   d_model (e.g. 2048 tokens x 576 = 1.2 M for SmolLM2). No subsampling or sketch is needed: the head Gram is
   N x N with N = 9-12 (12 x 12 x 1.2 M flops), so head groups always use exact statistics and the writes are
-  formed in chunks of tokens (one chunk is heads x 256 tokens x d_model floats). A KV-group unit's write is
-  the sum of its query heads' writes.
+  formed in chunks of tokens of at most 4 M floats per side. A KV-group unit's write is the sum of its
+  query heads' writes.
 ``max_samples`` bounds each group's samples in inputs/tokens/positions (head groups: tokens).
+
+Cost (1 CPU thread): MiniLM, 64 snippets (1679 tokens), all 12 groups: 6.2 s against a 1.3 s plain forward,
+mostly the exact 1536 x 1536 FFN Grams (N^2 M flops per side, the floor of exact statistics); SmolLM2,
+8 x 128 tokens, all 60 groups: 18 s against 3.6 s.
 """
 
 from __future__ import annotations

@@ -267,7 +267,9 @@ def _act_of(node: torch.fx.Node, mods: dict[str, nn.Module]) -> Callable[[Tensor
         return None
     kw.pop("inplace", None)
     if node.op == "call_module" and isinstance(mods[str(node.target)], _ACT_MODULES):
-        return mods[str(node.target)]
+        mod = mods[str(node.target)]
+        # a per-channel PReLU carries one parameter per unit, which surgery does not slice
+        return None if isinstance(mod, nn.PReLU) and mod.weight.numel() != 1 else mod
     if node.op == "call_function" and node.target in _ACT_FUNCS:
         fn = node.target
         return lambda z: fn(z, *rest, **kw)  # type: ignore[operator]

@@ -127,3 +127,10 @@ def test_unrecognised_architecture_says_what_to_declare():
         discover_groups(am.mlp(), kinds=["neurons"])
     with pytest.raises(TypeError, match="torch.nn.Module"):
         discover_groups("model")  # type: ignore[arg-type]
+
+
+def test_per_channel_prelu_is_not_a_unit_activation():
+    shared = nn.Sequential(nn.Linear(4, 6), nn.PReLU(), nn.Linear(6, 2))
+    assert [g.name for g in discover_groups(shared)] == ["0"]
+    with pytest.raises(ValueError, match="found no prunable unit groups"):
+        discover_groups(nn.Sequential(nn.Linear(4, 6), nn.PReLU(6), nn.Linear(6, 2)))
