@@ -180,12 +180,15 @@ class UnitGroup:
     def balanced(self, scores: Tensor, n_remove: int) -> Tensor:
         """Indices of ``n_remove`` lowest-score units that surgery accepts: for GQA query-head groups, the
         same number from every KV group (n_remove is rounded down to a multiple of the KV-head count, each
-        KV group dropping its lowest-scoring heads); otherwise simply the n_remove lowest."""
+        KV group dropping its lowest-scoring heads); otherwise simply the n_remove lowest. At least one unit
+        (one query head per KV group) is always kept."""
         s = torch.as_tensor(scores, dtype=torch.float64).flatten().cpu()
         if s.numel() != self.size:
             raise ValueError(f"scores: expected {self.size} values for group {self.name!r}, got {s.numel()}")
+        if isinstance(n_remove, bool) or not isinstance(n_remove, int) or n_remove < 0:
+            raise ValueError(f"n_remove: expected a non-negative int, got {n_remove!r}")
         if self.unit != "query":
-            return torch.sort(torch.argsort(s, stable=True)[:n_remove]).values
+            return torch.sort(torch.argsort(s, stable=True)[: min(n_remove, self.size - 1)]).values
         kv, r = self.kv_heads, self.n_rep
         assert kv is not None
         per = min(n_remove // kv, r - 1)

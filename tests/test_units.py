@@ -134,3 +134,10 @@ def test_per_channel_prelu_is_not_a_unit_activation():
     assert [g.name for g in discover_groups(shared)] == ["0"]
     with pytest.raises(ValueError, match="found no prunable unit groups"):
         discover_groups(nn.Sequential(nn.Linear(4, 6), nn.PReLU(6), nn.Linear(6, 2)))
+
+
+def test_balanced_never_selects_every_unit():
+    g = discover_groups(am.mlp())[1]
+    assert len(g.balanced(torch.randn(12), 50)) == 11
+    with pytest.raises(ValueError, match="n_remove"):
+        g.balanced(torch.randn(12), -1)
