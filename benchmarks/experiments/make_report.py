@@ -30,8 +30,18 @@ MAIN_ROWS = ["spectral", "spectral_s128", "spectral_full", "spectral_rev", "spec
 
 
 def _load(name: str) -> dict[str, Any] | None:
-    p = EVIDENCE / name
-    return json.loads(p.read_text()) if p.exists() else None
+    """One evidence JSON, or several joined by '+' (same setup and fractions): their runs are pooled, the
+    model info is the first file's. Missing files are skipped; None if none exists."""
+    parts = [EVIDENCE / n for n in name.split("+")]
+    found = [json.loads(p.read_text()) for p in parts if p.exists()]
+    if not found:
+        return None
+    data = found[0]
+    for extra in found[1:]:
+        if extra.get("fractions") != data.get("fractions"):
+            raise ValueError(f"{name}: expected the same fractions in every file")
+        data["runs"] = data["runs"] + extra["runs"]
+    return data
 
 
 def _fmt(vals: list[float], scale: float = 1.0, digits: int = 3) -> str:
@@ -79,6 +89,57 @@ def removal_table(data: dict[str, Any], scope: str, modes: list[str], rows: list
     dense = np.mean([m["dense"]["metric"] for m in data["models"].values()])
     return (f"Dense {metric}: {dense:.3f} (mean over {len(data['models'])} trained model(s)).\n\n" + head
             + "\n".join(b for _, b in body) + "\n")
+
+
+MLP_FILES = "removal_mlp.json+removal_mlp_top_first.json+removal_mlp_hybrid_taylor.json"
+HEADLINE = [("MNIST MLP, layer 1", MLP_FILES, "layer1"), ("MNIST MLP, both layers", MLP_FILES, "all"),
+            ("MNIST CNN, conv1", "removal_cnn.json", "layer1"), ("MNIST CNN, both convs", "removal_cnn.json", "all"),
+            ("MiniLM FFN, layer 3", "removal_minilm.json", "layer1"),
+            ("MiniLM FFN, all 6 layers", "removal_minilm.json", "all"),
+            ("SmolLM2 FFN, 4 layers", "removal_smollm2.json", "all")]
+
+
+def _family(m: str) -> str:
+    if m == "random":
+        return "random"
+    if m == "spectral_top_first":
+        return "control"
+    if m.startswith("hybrid"):
+        return "hybrid"
+    return "spectral" if m.startswith("spectral") else "baseline"
+
+
+def headline_table() -> str:
+    """Per setup: the metric averaged over removal fractions and seeds for the spec default, the best
+    spectral-family entry, the best baseline and random one-shot (no fine-tune)."""
+    lines = ["| setup (no fine-tune, mean over fractions) | random one-shot | spectral default one-shot | "
+             "best pure spectral variant (selection) | best spectral hybrid (selection) | best baseline (selection) "
+             "| best pure spectral − random |",
+             "|---|---|---|---|---|---|---|"]
+    for label, files, scope in HEADLINE:
+        data = _load(files)
+        if data is None:
+            continue
+        cells = removal_cells(data["runs"], scope)
+        if not cells:
+            continue
+        mean = {k: float(c["vals"].mean()) for k, c in cells.items()}
+        rnd = mean.get(("random", "oneshot"), float("nan"))
+        fr = ",".join(f"{int(f * 100)}" for f in data["fractions"])
+
+        def best(fam: str) -> tuple[str, float]:
+            ks = [k for k in mean if _family(k[0]) == fam]
+            if not ks:
+                return "", float("nan")
+            k = max(ks, key=lambda k: mean[k])
+            return f"{k[0]} ({k[1]}) {mean[k]:.3f}", mean[k]
+
+        bs, bsv = best("spectral")
+        bh, _ = best("hybrid")
+        bb, _ = best("baseline")
+        d = mean.get(("spectral", "oneshot"), float("nan"))
+        lines.append(f"| {label} ({fr}% removed) | {rnd:.3f} | {d:.3f} | {bs} | {bh} | {bb} | {bsv - rnd:+.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def ablation_table(data: dict[str, Any]) -> str:
@@ -199,9 +260,11 @@ def render(template: str) -> str:
     def table(mt: re.Match) -> str:
         spec = mt.group(1).split(":")
         kind, name = spec[0], spec[1]
-        data = _load(name)
+        data = _load(name) if kind != "headline" else {}
         if data is None:
             return f"*(not run yet: {name})*\n"
+        if kind == "headline":
+            return headline_table()
         if kind == "removal":
             scope, modes = spec[2], spec[3].split(",")
             rows = spec[4].split(",") if len(spec) > 4 else None
@@ -218,7 +281,7 @@ def render(template: str) -> str:
         data = _load(name)
         if data is None:
             return ""
-        png = EVIDENCE / (Path(name).stem + (f"_{spec[2]}" if len(spec) > 2 else "") + ".png")
+        png = EVIDENCE / (Path(name.split("+")[0]).stem + (f"_{spec[2]}" if len(spec) > 2 else "") + ".png")
         if kind == "removal":
             modes = {mo for _, mo in PLOT_METHODS}
             have = {(r["method"], r["mode"]) for r in data["runs"]}
