@@ -12,9 +12,10 @@ layers are one block-diagonal graph with global node ids. Steps, each a kernel (
    rows of kNN graphs are short), so the CSR has sorted, unique columns and is bitwise deterministic.
 4. _laplacian_values: weights from the payloads (unit, exp(-d^2/sigma^2), or the payload itself), L = D - W
    with the degree on the diagonal (summed in column order).
-_csr_spmm computes (L + shift 1 1^T) X with the rank-one term fused into the epilogue: LOBPCG's B operator
-B = L_Y + (dbar/N) 1 1^T in one pass over L. A block of BLOCK_R rows walks its rows' entries in lockstep,
-gathering BLOCK_C-wide slices of X rows (the sliced-ELL view of a CSR matrix, built on the fly).
+_csr_spmm computes (L + shift 1 1^T) X with the rank-one term (shift x column sums, one torch.sum) fused into
+the epilogue: LOBPCG's B operator B = L_Y + (dbar/N) 1 1^T in one pass over L. A block of BLOCK_R rows walks
+its rows' entries in lockstep, gathering BLOCK_C-wide slices of X rows (the sliced-ELL view of a CSR matrix,
+built on the fly).
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def _laplacian_values_kernel(rowptr_ptr, col_ptr, pay_ptr, sigma2_ptr, val_ptr, 
 
 
 @triton.jit
-def _csr_spmm_kernel(rowptr_ptr, col_ptr, val_ptr, x_ptr, colsum_ptr, y_ptr, R, C, shift,
+def _csr_spmm_kernel(rowptr_ptr, col_ptr, val_ptr, x_ptr, rank1_ptr, y_ptr, R, C,
                      stride_xr, stride_xc, stride_yr, stride_yc,
                      HAS_SHIFT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -153,8 +154,8 @@ def _csr_spmm_kernel(rowptr_ptr, col_ptr, val_ptr, x_ptr, colsum_ptr, y_ptr, R, 
         xj = tl.load(x_ptr + j[:, None] * stride_xr + cols[None, :] * stride_xc, mask=live[:, None] & c_ok[None, :],
                      other=0.0)
         acc += v[:, None] * xj
-    if HAS_SHIFT:
-        acc += shift * tl.load(colsum_ptr + cols, mask=c_ok, other=0.0)[None, :]
+    if HAS_SHIFT:  # rank1 = shift * column sums of X, one value per column
+        acc += tl.load(rank1_ptr + cols, mask=c_ok, other=0.0)[None, :]
     tl.store(y_ptr + rows[:, None] * stride_yr + cols[None, :] * stride_yc, acc, mask=r_ok[:, None] & c_ok[None, :])
 
 
@@ -356,10 +357,12 @@ def laplacian_apply(lap: torch.Tensor, x: torch.Tensor, shift: float = 0.0) -> t
     if c == 0:
         return y
     has_shift = float(shift) != 0.0
-    colsum = x.sum(dim=0) if has_shift else y  # the torch reference's column sums, bit for bit
+    # shift * colsum(X) in torch, the reference's own expression bit for bit (a Python float kernel argument
+    # would be compiled as fp32 on a GPU)
+    rank1 = shift * x.sum(dim=0) if has_shift else y
     block_c = min(64, next_pow2(c))
     grid = (triton.cdiv(n, _SPMM_ROWS), triton.cdiv(c, block_c))
-    _csr_spmm_kernel[grid](lap.crow_indices(), lap.col_indices(), lap.values(), x, colsum, y, n, c, float(shift),
+    _csr_spmm_kernel[grid](lap.crow_indices(), lap.col_indices(), lap.values(), x, rank1, y, n, c,
                            *x.stride(), *y.stride(), HAS_SHIFT=has_shift, BLOCK_R=_SPMM_ROWS, BLOCK_C=block_c)
     return y
 
