@@ -31,7 +31,7 @@ EXTRA_MODES = ["iter2.5", "iter10", "iter2.5_nbh", "iter10_nbh"]  # round-size s
 ROUND_STUDY = ["spectral", "spectral_full", "hybrid", "wanda_sp"]
 
 
-def load(setup: str, seed: int, smoke: bool) -> common.Setup:
+def load(setup: str, seed: int, smoke: bool, n_eval: int | None = None) -> common.Setup:
     import models
 
     if setup in ("mlp", "cnn"):
@@ -41,11 +41,11 @@ def load(setup: str, seed: int, smoke: bool) -> common.Setup:
     if setup == "minilm":
         import llm
 
-        return llm.minilm_setup(seed=seed, smoke=smoke)
+        return llm.minilm_setup(seed=seed, smoke=smoke, **({"n_eval": n_eval} if n_eval else {}))
     if setup == "smollm2":
         import llm
 
-        return llm.smollm2_setup(smoke=smoke)
+        return llm.smollm2_setup(smoke=smoke, **({"n_eval_seq": n_eval} if n_eval else {}))
     raise ValueError(f"--setup: expected mlp, cnn, minilm or smollm2, got {setup!r}")
 
 
@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--fractions", type=float, nargs="+", default=FRACTIONS)
     ap.add_argument("--no-round-study", action="store_true", help="skip the 2.5/10%% round-size runs")
     ap.add_argument("--random-draws", type=int, default=3)
+    ap.add_argument("--n-eval", type=int, default=None,
+                    help="MiniLM: eval snippets (default 1000); SmolLM2: eval sequences of 256 tokens (default 40)")
     ap.add_argument("--smoke", action="store_true", help="tiny budget: one seed, 3 methods, 1 epoch models")
     ap.add_argument("--out", required=True, type=Path)
     a = ap.parse_args(argv)
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            else argv, "smoke": a.smoke, "machine": machine_info(), "fractions": a.fractions,
                            "models": {}, "runs": []}
     for seed in a.seeds:
-        st = load(a.setup, seed, a.smoke)
+        st = load(a.setup, seed, a.smoke, a.n_eval)
         out["models"][str(seed)] = st.info
         groups_all = list(st.groups)
         for scope, method, mode, draw in plan(a.methods, a.modes, a.scopes, not a.no_round_study,

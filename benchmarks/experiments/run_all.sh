@@ -30,15 +30,18 @@ run() {
     finetune_mlp) step finetune_mlp $E/exp_finetune.py --setup mlp --seeds 0 1 2 ;;
     removal_cnn) step removal_cnn $E/exp_removal.py --setup cnn --seeds 0 1 2 --methods $CORE \
                    --modes oneshot iter10 iter10_nbh --no-round-study ;;
-    finetune_cnn) step finetune_cnn $E/exp_finetune.py --setup cnn --seeds 0 1 2 ;;
-    removal_minilm) step removal_minilm $E/exp_removal.py --setup minilm --fractions 0.25 0.5 \
-                      --methods spectral spectral_top_first spectral_full hybrid_rank wanda_sp flap act_var taylor weight_l1 random \
-                      --modes oneshot iter10_nbh --no-round-study ;;
+    finetune_cnn) step finetune_cnn $E/exp_finetune.py --setup cnn --seeds 0 1 2 --ft-epochs 2 \
+                    --methods hybrid_rank spectral wanda_sp flap taylor random ;;
+    removal_minilm) step removal_minilm $E/exp_removal.py --setup minilm --n-eval 500 --scopes all \
+                      --fractions 0.25 0.5 --modes oneshot iter10_nbh --no-round-study \
+                      --methods spectral spectral_full hybrid_rank wanda_sp flap act_var taylor random ;;
+    removal_minilm_layer) step removal_minilm_layer $E/exp_removal.py --setup minilm --n-eval 500 --scopes layer1 \
+                            --fractions 0.25 0.5 --modes oneshot --no-round-study \
+                            --methods spectral spectral_full hybrid_rank wanda_sp flap act_var taylor random ;;
     ablation_minilm) step ablation_minilm $E/exp_ablation.py --setup minilm --units 192 \
                        --methods spectral spectral_full spectral_rev hybrid hybrid_rank wanda_sp flap act_var act_mean weight_l1 taylor random ;;
     removal_smollm2) step removal_smollm2 $E/exp_removal.py --setup smollm2 --scopes all --fractions 0.25 0.5 \
-                       --methods spectral spectral_full hybrid_rank wanda_sp flap act_var random \
-                       --modes oneshot --no-round-study ;;
+                       --methods spectral hybrid_rank wanda_sp random --modes oneshot --no-round-study ;;
     *) echo "unknown step $1" >&2; exit 2 ;;
   esac
 }
@@ -47,7 +50,7 @@ main() {
   local steps=("$@")
   [ ${#steps[@]} -eq 0 ] && steps=(removal_mlp removal_mlp_top_first removal_mlp_hybrid_taylor ablation_mlp
                                    ablation_mlp_layer2 finetune_mlp removal_cnn removal_minilm finetune_cnn
-                                   ablation_minilm removal_smollm2)
+                                   removal_smollm2 removal_minilm_layer ablation_minilm)
   for s in "${steps[@]}"; do run "$s"; done
   "$PY" $E/make_report.py
 }
