@@ -179,6 +179,20 @@ def _seed(cfg: PruneConfig, rnd: int, gi: int) -> int:
     return (cfg.seed * 1_000_003 + rnd * 10_007 + gi) % (2**31 - 1)
 
 
+def head_counts(widths: dict[str, int], original: dict[str, int], kv: dict[str, int], fraction: float,
+                rnd: int) -> dict[str, int]:
+    """Heads to remove this round: a group of a dozen heads under q = ceil(r N) would lose 8% (12 heads) or,
+    for GQA with 3 KV groups, 33% per round (one head from every KV group) while FFN groups lose r = 5%. So
+    heads follow the uniform schedule of their original width instead: remove round(width - N0 (1-r)^(t+1))
+    units, in whole blocks of kv (1 for MHA); e.g. 9 GQA heads (3 KV groups) lose 3 heads in round 4
+    (9 x 0.95^4 = 7.3 is nearer to 6 than to 9), not in round 1."""
+    out = {}
+    for g, w in widths.items():
+        want = w - original[g] * (1.0 - fraction) ** (rnd + 1)
+        out[g] = max(0, int(math.floor(want / kv[g] + 0.5))) * kv[g]
+    return out
+
+
 def _blocks(group: Any, out: ScoreOutput, q: int, cfg: PruneConfig, keep: int) -> list[list[int]]:
     """This round's removals of one group, lowest score first, as blocks removed together: single units, or
     for grouped-query attention one query head from every KV group (HF attention needs equal groups), the
@@ -457,8 +471,14 @@ class Pruner:
             st["score_distributions"] = {g: score_summary(o.scores) for g, o in outs.items()}
             st["eigenvalues"] = {g: o.extra["eigenvalues"].tolist() for g, o in outs.items()
                                  if "eigenvalues" in o.extra}
+        keep = {g: st["min_keep"][g] for g in outs}
         counts = round_counts({g: o.scores for g, o in outs.items()}, cfg.round_fraction,
-                              allocation=cfg.allocation, min_keep={g: st["min_keep"][g] for g in outs})
+                              allocation=cfg.allocation, min_keep=keep)
+        heads = [g for g in groups if g.kind == "head"]
+        hc = head_counts({g.name: int(g.size) for g in heads}, st["widths_before"],
+                         {g.name: int(g.kv_heads) if g.unit == "query" else 1 for g in heads}, cfg.round_fraction, rnd)
+        if any(counts[g] for g in counts if g not in hc) or any(hc.values()):
+            counts.update(hc)  # else only heads are left and the schedule says wait: fall back to ceil(r N)
         chosen = {g.name: _blocks(g, outs[g.name], counts[g.name], cfg, st["min_keep"][g.name]) for g in groups}
         chosen = {g: bs for g, bs in chosen.items() if bs}
         if not chosen:
@@ -502,6 +522,7 @@ class Pruner:
             hist = finetune(self.model, self.train_batches, self.loss_fn, cfg.finetune,  # type: ignore[arg-type]
                             seed=cfg.seed, state=st["finetune_state"], on_epoch_end=on_epoch)
             st["finetune_history"] = hist
+            st["finetune_state"] = None  # the optimiser state (2x the model for Adam) is not needed any more
             st["metric_after_finetune"] = self._metric()
         else:
             st["finetune_history"] = []

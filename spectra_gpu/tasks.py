@@ -275,7 +275,7 @@ def _tokenize(tok: Any, texts: Sequence[str], max_len: int, batch: int,
 
 
 def _text_task(model_name: str, model: nn.Module | None, tok: Any, seed: int, t0: float,
-               n_train: int = 2048, n_test: int = 1000, n_calib: int = 256, max_len: int = 64) -> Task:
+               n_train: int = 2048, n_test: int = 1000, n_calib: int = 128, max_len: int = 64) -> Task:
     split = zoo.rotten_tomatoes()
     g = torch.Generator().manual_seed(seed)
     tr = torch.randperm(len(split.train_texts), generator=g)[:n_train].tolist()
@@ -335,7 +335,7 @@ def _chunks(ids: list[int], seq: int, limit: int | None) -> list[torch.Tensor]:
 
 
 def _lm_task(model_name: str, model: nn.Module | None, tok: Any, seed: int, t0: float, seq: int = 128,
-             n_calib: int = 32, n_train: int = 64, n_test: int = 40) -> Task:
+             n_calib: int = 16, n_train: int = 64, n_test: int = 40) -> Task:
     corpus = zoo.english_text()
     if model is None:
         model, tok = zoo.load_smollm2()

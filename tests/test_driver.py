@@ -323,3 +323,20 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
         atomic_write(p, boom)
     assert p.read_text() == "old"
     assert [q.name for q in tmp_path.iterdir()] == ["f.json"]
+
+
+def test_head_schedule_follows_uniform_rate_in_whole_blocks():
+    from spectra_gpu.driver import head_counts
+
+    w = {"gqa": 9, "mha": 12}
+    removed_at = {"gqa": [], "mha": []}
+    for rnd in range(14):
+        c = head_counts(w, {"gqa": 9, "mha": 12}, {"gqa": 3, "mha": 1}, 0.05, rnd)
+        for g, q in c.items():
+            if q:
+                removed_at[g].append((rnd, q))
+            w[g] -= q
+        for g, kv in (("gqa", 3), ("mha", 1)):  # the nearest whole block to the uniform 5% schedule
+            assert abs(w[g] - {"gqa": 9, "mha": 12}[g] * 0.95 ** (rnd + 1)) <= kv / 2
+    assert removed_at["gqa"] == [(3, 3), (13, 3)]  # one head from each of the 3 KV groups at a time
+    assert all(q == 1 for _, q in removed_at["mha"])
