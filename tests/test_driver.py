@@ -340,3 +340,43 @@ def test_head_schedule_follows_uniform_rate_in_whole_blocks():
             assert abs(w[g] - {"gqa": 9, "mha": 12}[g] * 0.95 ** (rnd + 1)) <= kv / 2
     assert removed_at["gqa"] == [(3, 3), (13, 3)]  # one head from each of the 3 KV groups at a time
     assert all(q == 1 for _, q in removed_at["mha"])
+
+
+def test_finetune_steps_cap_schedule_and_resume_equivalence():
+    from spectra_gpu.finetune import finetune
+
+    model, kw, _ = mlp_setup()
+    cfg = FinetuneConfig(optimizer="sgd", lr=0.05, epochs=3, steps=20)  # 8 batches per epoch -> 3 epochs, 20 steps
+    a = copy.deepcopy(model)
+    hist = finetune(a, kw["train_batches"], kw["loss_fn"], cfg, seed=1)
+    assert [h["steps"] for h in hist] == [8, 16, 20]
+    states, weights = [], []
+    b = copy.deepcopy(model)
+
+    def keep(st):
+        states.append(copy.deepcopy(st))
+        weights.append(copy.deepcopy(b.state_dict()))
+
+    finetune(b, kw["train_batches"], kw["loss_fn"], cfg, seed=1, on_epoch_end=keep)
+    assert states[-1]["scheduler"]["last_epoch"] == 20  # cosine over exactly the 20 steps
+    c = copy.deepcopy(model)
+    c.load_state_dict(weights[0])  # resume from the epoch-1 checkpoint: its weights and optimiser state
+    hist_c = finetune(c, kw["train_batches"], kw["loss_fn"], cfg, seed=1, state=states[0])
+    assert [h["steps"] for h in hist_c] == [8, 16, 20]
+    for p, q in zip(a.parameters(), c.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_finetune_config_errors_and_zero_epochs():
+    from spectra_gpu.finetune import finetune
+
+    for bad, match in ((dict(optimizer="lion"), "optimizer"), (dict(lr=0), "lr"), (dict(epochs=-1), "epochs"),
+                       (dict(steps=0), "steps"), (dict(schedule="step"), "schedule")):
+        with pytest.raises(ValueError, match=match):
+            FinetuneConfig(**bad)
+    model, kw, _ = mlp_setup()
+    before = copy.deepcopy(model.state_dict())
+    assert finetune(model, kw["train_batches"], kw["loss_fn"], FinetuneConfig(epochs=0)) == []
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="non-empty"):
+        finetune(model, lambda ep: [], kw["loss_fn"], FinetuneConfig())
