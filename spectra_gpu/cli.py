@@ -92,6 +92,7 @@ def _run_prune(args: argparse.Namespace, *, quiet: bool = False) -> dict[str, An
                       round_fraction=args.round_fraction, allocation=args.allocation,
                       one_per_neighbourhood=args.one_per_neighbourhood, epr_basis=args.epr_basis or task.epr_basis,
                       scorer_options=_scorer_options(args), seed=args.seed, track_metric=not args.no_track_metric,
+                      recalibrate_bn=task.recalibrate_bn if args.recalibrate_bn is None else args.recalibrate_bn,
                       finetune=ft)
     if not quiet:
         print(f"{task.model_name} on {task.data_name}: {task.info}", file=sys.stderr)
@@ -133,6 +134,7 @@ def _demo(args: argparse.Namespace) -> int:
     args.data, args.resume, args.kinds = None, False, None
     args.optimizer = args.lr = args.epochs = args.steps = None
     args.allocation, args.epr_basis, args.one_per_neighbourhood, args.no_track_metric = "uniform", None, False, False
+    args.recalibrate_bn = None
     args.k = args.num_eigs = args.direction = args.preprocess = None
     print(f"spectra demo: train (or load) {args.model}, prune {args.target:.0%} of its parameters with the "
           f"{args.scorer} scorer in {args.round_fraction:.0%} rounds, fine-tune once", file=sys.stderr)
@@ -231,6 +233,9 @@ def _add_prune_opts(p: argparse.ArgumentParser, *, demo: bool) -> None:
     p.add_argument("--epochs", type=_positive_int, default=None, help="fine-tune epochs (0 = none)")
     p.add_argument("--steps", type=int, default=None, help="cap on fine-tune optimiser steps")
     p.add_argument("--no-track-metric", action="store_true", help="skip the metric after every round")
+    p.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="re-estimate BatchNorm running statistics on the calibration batches after every round "
+                   "(no parameter update; default: the task's, on for mnist-cnn)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 
 

@@ -35,6 +35,7 @@ from ._progress import enabled as _progress_on
 from ._progress import progress
 from .capture import capture as _capture_fn
 from .capture import capture_taylor as _capture_taylor_fn
+from .capture import default_forward as _default_forward
 from .finetune import FinetuneConfig, finetune
 from .report import score_summary, torch_save, write_json, write_report
 from .scorers import NEEDS_TAYLOR, ScoreContext, ScoreOutput, get_scorer, run_scorer
@@ -52,7 +53,10 @@ class PruneConfig:
     parameters, or only the 'prunable' modules: embeddings, LM head and classifier excluded).
     round_fraction: share of each group's current width removed per round. min_keep_fraction: of the original
     width; neurons/channels/FFN neurons keep max(k + 2, that), heads max(1, that). scorer_options: kwargs of
-    the scorer (spectral: those of ``spectra_gpu.score``)."""
+    the scorer (spectral: those of ``spectra_gpu.score``). recalibrate_bn: after every round re-estimate
+    BatchNorm running statistics on the calibration batches (buffers only, no parameter update; "adaptive BN",
+    EagleEye 2020): removing upstream channels shifts a BN's inputs, and its stale statistics alone took an
+    MNIST CNN from 0.98 to 0.10-0.32 accuracy at 50% EPR for spectral and random alike."""
 
     target: float = 0.5
     scorer: str = "spectral"
@@ -66,6 +70,7 @@ class PruneConfig:
     seed: int = 0
     max_rounds: int = 1000
     track_metric: bool = True
+    recalibrate_bn: bool = False
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self) -> None:
@@ -146,6 +151,31 @@ def _capture_stats(model: nn.Module, groups: Sequence[Any], calib: Sequence[Any]
 def _capture_taylor(model: nn.Module, groups: Sequence[Any], calib: Sequence[Any],
                     loss_fn: Callable[[nn.Module, Any], torch.Tensor]) -> dict[str, torch.Tensor]:
     return dict(_capture_taylor_fn(model, list(groups), calib, loss_fn, progress=_progress_on()))
+
+
+def recalibrate_bn(model: nn.Module, batches: Sequence[Any], forward: ForwardFn | None = None) -> int:
+    """Reset and re-estimate the running mean/var of every BatchNorm from ``batches`` (cumulative average,
+    other modules in eval mode, no gradients); returns how many BatchNorms were recalibrated."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return 0
+    fwd = forward or _default_forward
+    was_training = model.training
+    momenta = [m.momentum for m in bns]
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    try:
+        with torch.no_grad():
+            for b in batches:
+                fwd(model, b)
+    finally:
+        for m, mom in zip(bns, momenta, strict=True):
+            m.momentum = mom
+        model.train(was_training)
+    return len(bns)
 
 
 def _remove(model: nn.Module, group: Any, idx: torch.Tensor) -> None:
@@ -489,6 +519,8 @@ class Pruner:
         if p_now - sum(cost[g] * len(b) for g, b in seq) <= budget:  # the full round might overshoot
             seq = seq[:_trim(self.model, cfg, self.groups_fn, seq, cost, p_now, budget)]
         _apply_prefix(self.model, cfg, self.groups_fn, seq)
+        if cfg.recalibrate_bn:
+            recalibrate_bn(self.model, self.calib, self.forward)
         removed_units: dict[str, list[int]] = {}
         for g, b in seq:
             removed_units.setdefault(g, []).extend(b)
@@ -644,5 +676,5 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
 
 
-__all__ = ["CHECKPOINT", "KINDS", "PruneConfig", "PruneResult", "Pruner", "TargetUnreachableError", "min_keep",
-           "prune", "score_model", "write_scores"]
+__all__ = ["CHECKPOINT", "KINDS", "PruneConfig", "PruneResult", "Pruner", "TargetUnreachableError", "head_counts",
+           "min_keep", "prune", "recalibrate_bn", "score_model", "write_scores"]

@@ -18,6 +18,10 @@ training part, never from the evaluation part.
 Trained weights of the small built-in models (and the MiniLM head) are cached under ``$SPECTRA_GPU_CACHE``
 (default ``~/.cache/spectra_gpu``), so ``spectra demo`` trains once and then loads.
 
+The MNIST CNN's BatchNorms get their running statistics re-estimated on the calibration batches after every
+round (``recalibrate_bn``; buffers, not parameters): stale statistics, not the criterion, otherwise dominate
+its accuracy after pruning.
+
 ``--model`` may also be a saved torch model (``torch.save(model)``, e.g. a run's DIR/model.pt) used with an
 image dataset, a Hugging Face model directory written by ``spectra_gpu.io.save_pruned`` (a run's DIR/model),
 or a Hugging Face folder: a causal LM (-> english-text), a sequence classifier with 2 labels, or a bare
@@ -72,6 +76,7 @@ class Task:
     kinds: tuple[str, ...]
     finetune: FinetuneConfig
     epr_basis: str = "total"
+    recalibrate_bn: bool = False
     info: str = ""
     flops_input: Any = None
     seconds_setup: float = 0.0
@@ -255,7 +260,7 @@ def _image_task(model_name: str, data: str, model: nn.Module | None, seed: int, 
         model_name, data, model, calib, forward,
         train_batches=lambda ep: [(xtr[i], ytr[i]) for i in _shuffled(len(xtr), 64, seed, ep)],
         evaluate=lambda m: accuracy(m, test), loss_fn=classification_loss, metric_name="accuracy",
-        higher_is_better=True, kinds=kinds, finetune=ft,
+        higher_is_better=True, kinds=kinds, finetune=ft, recalibrate_bn=model_name == "mnist-cnn",
         info=f"{data}: {len(xtr)} train / {len(xte)} test images (seeded stratified split); calibration = the "
              f"first {n_calib} training images",
         flops_input=xte[:1], seconds_setup=time.perf_counter() - t0)

@@ -380,3 +380,33 @@ def test_finetune_config_errors_and_zero_epochs():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="non-empty"):
         finetune(model, lambda ep: [], kw["loss_fn"], FinetuneConfig())
+
+
+def test_recalibrate_bn_matches_batch_statistics_and_keeps_parameters():
+    from spectra_gpu.driver import recalibrate_bn
+
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    x = torch.randn(32, 1, 16, 16) * 3 + 1
+    params = {k: v.clone() for k, v in model.named_parameters()}
+    assert recalibrate_bn(model, [(x, None)]) == 2
+    with torch.no_grad():
+        z = model.conv1(x)
+    torch.testing.assert_close(model.bn1.running_mean, z.mean((0, 2, 3)))
+    torch.testing.assert_close(model.bn1.running_var, z.transpose(0, 1).flatten(1).var(1))  # unbiased, as BN
+    assert not model.training and model.bn1.momentum == 0.1
+    assert all(torch.equal(params[k], v) for k, v in model.named_parameters())
+
+
+def test_recalibrate_bn_option_in_the_driver():
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    x = torch.randn(64, 1, 16, 16)
+    calib = [(x[:32], None), (x[32:], None)]
+    before = model.bn2.running_var.clone()
+    cfg = PruneConfig(target=0.2, kinds=("channel",), round_fraction=0.1, scorer="l2", recalibrate_bn=True,
+                      finetune=FinetuneConfig(epochs=0))
+    res = prune(model, calib, cfg)
+    assert res.report["config"]["recalibrate_bn"] is True
+    assert res.model.bn2.running_var.shape[0] == res.report["widths_after"]["conv2"]
+    assert not torch.equal(res.model.bn2.running_var, before[: res.model.bn2.running_var.shape[0]])
