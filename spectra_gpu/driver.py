@@ -3,7 +3,8 @@
 Each round (algorithm.md section 7): capture the calibration signals of the *current* (already shrunk) model,
 score every group with the chosen scorer (recomputed every round, same calibration data for every scorer),
 pick per group the q = ceil(r x width) lowest-scoring units (uniform r, or a global allocation by
-within-layer percentile) under min-keep, the duplicate-pair rule and optionally one-per-neighbourhood,
+within-layer percentile; attention heads follow the uniform schedule of their original width, see
+``head_counts``) under min-keep, the duplicate-pair rule and optionally one-per-neighbourhood,
 physically remove them, record. No parameter is updated between rounds. The last round is trimmed so the
 EPR lands on the target with an overshoot below one unit's parameters: the candidate removals of the round
 are interleaved across groups in score order and the shortest prefix that reaches the target is found by
@@ -12,7 +13,13 @@ counting the parameters of the sliced model (a copy), never by summing per-unit 
 Then one recovery fine-tune; the metric is evaluated before pruning, after pruning and after fine-tune.
 With ``out_dir`` the run checkpoints after every round and every fine-tune epoch into one file written
 atomically (checkpoint.pt), so a run killed at any point resumes from its last completed round or epoch and
-ends with the same report (seeded scorers, deterministic data order; only the timings differ).
+ends with the same report (seeded scorers, deterministic data order; only the timings differ). At the end it
+writes report.json/report.md/plots (``report.write_report``) and the pruned model (DIR/model via
+``io.save_pruned``, plus DIR/model.pt for plain modules).
+
+Per-round records in the report: round, params, epr, removed {group: count}, removed_units {group: indices
+into the group's width at the start of that round}, widths after the round, seconds_capture,
+seconds_scoring (capture + scorer), lambda_1 per group (spectral), dead_units per group, metric (if tracked).
 """
 
 from __future__ import annotations
@@ -38,13 +45,14 @@ from .capture import capture_taylor as _capture_taylor_fn
 from .capture import default_forward as _default_forward
 from .finetune import FinetuneConfig, finetune
 from .report import score_summary, torch_save, write_json, write_report
-from .scorers import NEEDS_TAYLOR, ScoreContext, ScoreOutput, get_scorer, run_scorer
+from .scorers import NEEDS_TAYLOR, SCORERS, ScoreContext, ScoreOutput, get_scorer, run_scorer
 from .selection import ALLOCATIONS, round_counts, select_units
 
 CHECKPOINT = "checkpoint.pt"
 KINDS = _units.KINDS  # neuron (MLP), channel (conv), ffn (transformer FFN neuron), head
 EPR_BASES = ("total", "prunable")
 HEAD_K = 3  # per-layer head graphs are tiny (12-32 nodes): k = min(3, H - 1), algorithm.md section 6
+BUILTIN_BASELINES = frozenset(SCORERS) - {"spectral"}
 
 
 @dataclass(frozen=True)
@@ -194,14 +202,18 @@ def min_keep(kind: str, original_width: int, cfg: PruneConfig) -> int:
 
 
 def _scorer_options(cfg: PruneConfig, kind: str) -> dict[str, Any]:
+    """The options a scorer gets: spectral all of them (heads: k <= 3); built-in baselines only the kNN
+    request of one-per-neighbourhood (their formulas take none); registered scorers all, plus that request."""
     opts = dict(cfg.scorer_options)
+    k = int(opts.get("k", HEAD_K if kind == "head" else 10))
     if cfg.scorer == "spectral":
         if kind == "head":
-            opts["k"] = min(int(opts.get("k", HEAD_K)), HEAD_K)
-    elif cfg.one_per_neighbourhood:
-        opts = {"neighbors": True, "k": int(opts.get("k", HEAD_K if kind == "head" else 10))}
-    else:
+            opts["k"] = min(k, HEAD_K)
+        return opts
+    if cfg.scorer in BUILTIN_BASELINES:
         opts = {}
+    if cfg.one_per_neighbourhood:
+        opts.update(neighbors=True, k=k)
     return opts
 
 
@@ -408,6 +420,9 @@ class Pruner:
     def run(self) -> PruneResult:
         t0 = time.perf_counter()
         st = self.state
+        if st.get("phase") == "done":  # resumed a finished run: (re)write its files, change nothing
+            self._write_outputs(st["report"], only_missing=True)
+            return PruneResult(self.model, st["report"])
         if not st:
             st.update(config=self.cfg.to_dict(), phase="prune", round=0, rounds=[], seconds_prior=0.0,
                       seconds_scoring=0.0, seconds_capture=0.0, seconds_scorer=0.0, score_distributions={},
@@ -422,17 +437,21 @@ class Pruner:
                 self._finetune(t0, elapsed_before)
         finally:
             st["seconds_prior"] = elapsed_before + time.perf_counter() - t0
-        if st["phase"] == "finetune_done" or st["phase"] == "done":
-            st["phase"] = "done"
-            report = self._report()
-            st["report"] = report
-            self._save()
-            if self.out_dir is not None:
-                if self.save_model:
-                    self._write_model()
-                write_report(self.out_dir, report, plots=self.plots)
-            self._event("done", report=report)
-        return PruneResult(self.model, st["report"])
+        st["phase"] = "done"
+        report = self._report()
+        st["report"] = report
+        self._save()
+        self._write_outputs(report)
+        self._event("done", report=report)
+        return PruneResult(self.model, report)
+
+    def _write_outputs(self, report: dict[str, Any], only_missing: bool = False) -> None:
+        if self.out_dir is None:
+            return
+        if self.save_model and not (only_missing and (self.out_dir / "model").is_dir()):
+            self._write_model()
+        if not (only_missing and (self.out_dir / "report.md").is_file()):
+            write_report(self.out_dir, report, plots=self.plots)
 
     def _start(self) -> None:
         st, cfg = self.state, self.cfg
