@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import zoo
+from ._progress import enabled as _progress_on
 from ._progress import progress
 from .finetune import FinetuneConfig
 from .report import torch_save
@@ -431,6 +432,14 @@ def _load_path(path: Path) -> tuple[nn.Module, Any, str | None]:
                      f"torch model file, got {str(path)!r} (no such file or directory)")
 
 
+def _quiet_hf() -> None:
+    """Keep Hugging Face's loading bars out of logs when ours are off (not a TTY, CI=true)."""
+    if not _progress_on():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def load_task(model: str, data: str | None = None, *, seed: int = 0) -> Task:
     """The task for ``model`` (built-in name or path) on ``data`` (default: the model's own data)."""
     t0 = time.perf_counter()
@@ -444,10 +453,14 @@ def load_task(model: str, data: str | None = None, *, seed: int = 0) -> Task:
             raise ValueError(f"data: built-in model {model!r} works with data {natural!r}, got {data!r}")
         if natural in ("digits", "mnist5k"):
             return _image_task(model, natural, None, seed, t0)
+        _quiet_hf()
         if natural == "rotten-tomatoes":
             return _text_task(model, None, None, seed, t0)
         return _lm_task(model, None, None, seed, t0)
-    mod, tok, natural = _load_path(Path(model).expanduser())
+    path = Path(model).expanduser()
+    if path.is_dir():
+        _quiet_hf()
+    mod, tok, natural = _load_path(path)
     data = data or natural
     if data is None:
         raise ValueError(f"data: a saved torch model needs --data ({', '.join(DATASETS[:2])}), got none")
