@@ -84,6 +84,8 @@ def removal_table(data: dict[str, Any], scope: str, modes: list[str], rows: list
         delta = "" if rnd is None or len(rnd["vals"]) != len(v) else f"{(mean - rnd['vals'].mean(axis=1)).mean():+.3f}"
         body.append((float(mean.mean()), f"| {m} | {mode} | " + " | ".join(_fmt(v[:, j]) for j in range(v.shape[1]))
                      + f" | {mean.mean():.3f} | {delta} | {c['seeds']} |"))
+    if not body:
+        return f"*(scope {scope!r} with selections {modes} not run)*\n"
     if sort:
         body.sort(key=lambda t: -t[0])
     dense = np.mean([m["dense"]["metric"] for m in data["models"].values()])
@@ -94,7 +96,7 @@ def removal_table(data: dict[str, Any], scope: str, modes: list[str], rows: list
 MLP_FILES = "removal_mlp.json+removal_mlp_top_first.json+removal_mlp_hybrid_taylor.json"
 HEADLINE = [("MNIST MLP, layer 1", MLP_FILES, "layer1"), ("MNIST MLP, both layers", MLP_FILES, "all"),
             ("MNIST CNN, conv1", "removal_cnn.json", "layer1"), ("MNIST CNN, both convs", "removal_cnn.json", "all"),
-            ("MiniLM FFN, layer 3", "removal_minilm.json", "layer1"),
+            ("MiniLM FFN, layer 3", "removal_minilm_layer.json", "layer1"),
             ("MiniLM FFN, all 6 layers", "removal_minilm.json", "all"),
             ("SmolLM2 FFN, 4 layers", "removal_smollm2.json", "all")]
 
