@@ -11,6 +11,10 @@ from .masking import masked
 from .surgery import remove_units
 from .accounting import count_params, epr, flops
 from .io import load_pruned, save_pruned
+from .scorers import SCORERS, ScoreContext, ScoreOutput, register_scorer
+from .selection import select_units
+from .finetune import FinetuneConfig, finetune
+from .driver import PruneConfig, PruneResult, prune, score_model
 
 __all__ = [
     "BackendUnavailableError", "ConvergenceWarning", "Graph", "KnnGraph", "LobpcgResult", "NotPSDError",
@@ -19,3 +23,5 @@ __all__ = [
 ]
 __all__ += ["UnitGroup", "capture", "capture_taylor", "count_params", "declare_group", "discover_groups", "epr",
             "flops", "load_pruned", "masked", "remove_units", "save_pruned"]
+__all__ += ["FinetuneConfig", "PruneConfig", "PruneResult", "SCORERS", "ScoreContext", "ScoreOutput", "finetune",
+            "prune", "register_scorer", "score_model", "select_units"]

@@ -35,6 +35,10 @@ def as_signal(x: Any, name: str) -> torch.Tensor:
 
 
 def check_finite(x: torch.Tensor, name: str) -> None:
+    # a NaN/Inf anywhere makes its row's sum non-finite: one read pass, no N x M mask (0.4 s -> 0.03 s for
+    # 2 x 11008 x 2048 fp32); a finite row can still overflow its sum, so only a failed sum pays the exact check
+    if bool(torch.isfinite(x.sum(dim=-1)).all()):
+        return
     if not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name}: expected finite values, got {bad} NaN/Inf entries")

@@ -204,8 +204,8 @@ def _add_common(p: argparse.ArgumentParser, *, need_out: bool) -> None:
                    "a Hugging Face folder or a saved torch model")
     p.add_argument("--data", default=None, help="digits, mnist5k, rotten-tomatoes or english-text "
                    "(default: the model's own)")
-    p.add_argument("--scorer", default="spectral", help="spectral, random, l1, l2, act_mean, act_var, apoz, "
-                   "taylor, wanda_sp, flap")
+    p.add_argument("--scorer", default="spectral", help="spectral, hybrid_rank (spectral rank x Wanda-sp rank), "
+                   "random, l1, l2, act_mean, act_var, apoz, taylor, wanda_sp, flap, or a registered name")
     p.add_argument("--out", required=need_out, default=None, help="run directory")
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=None, help="unit kinds to prune (default: the "
                    "task's)")

@@ -21,6 +21,7 @@ import torch
 
 from .ops.knn import SqDist, knn_from_sqdist
 from .scoring.spectral import _dead_mask, score
+from .selection import percentile_ranks
 from .stats import SignalStats
 
 
@@ -182,8 +183,22 @@ def spectral(ctx: ScoreContext) -> ScoreOutput:
                        {"eigenvalues": res.eigenvalues.cpu(), "diagnostics": res.diagnostics})
 
 
+def hybrid_rank(ctx: ScoreContext) -> ScoreOutput:
+    """Spectral x magnitude: (rank of the spectral score + 1/N) x (rank of Wanda-sp + 1/N), within-group
+    percentile ranks in [0, 1). The graph says which units are interchangeable, the magnitude how much each
+    carries. The most robust spectral variant of the evidence runs (benchmarks/results/README.md); dead
+    units stay -inf. Options go to the spectral factor."""
+    spec = spectral(ctx)
+    mag = wanda_sp(ctx)
+    n = len(mag)
+    s = (percentile_ranks(spec.scores) + 1.0 / n) * (percentile_ranks(mag) + 1.0 / n)
+    s[spec.scores == -math.inf] = -math.inf
+    return ScoreOutput(s, spec.neighbors, spec.extra)
+
+
 SCORERS: dict[str, Scorer] = {
     "spectral": spectral,
+    "hybrid_rank": hybrid_rank,
     "random": _baseline(random_scores),
     "l1": _baseline(weight_l1),
     "l2": _baseline(weight_l2),

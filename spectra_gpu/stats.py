@@ -37,18 +37,19 @@ class _Side:
         self.pgram = torch.zeros(len(probe), n, **f64) if probe is not None else None
 
     def update(self, x: torch.Tensor, s: torch.Tensor | None, mm_dtype: torch.dtype) -> None:
-        if self.shift is None:
-            self.shift = x.double().mean(dim=1)
-        xs = x.double() - self.shift[:, None]
-        self.s1 += xs.sum(dim=1)
-        self.s2 += (xs * xs).sum(dim=1)
-        xm = xs.to(mm_dtype)
+        if self.shift is None:  # representable in the product dtype: x - shift rounds once, in x's precision
+            self.shift = x.mean(dim=1, dtype=torch.float64).to(mm_dtype).double()
+        xm = (x - self.shift.to(x.dtype)[:, None]).to(mm_dtype)
+        f64 = torch.float64
+        self.s1 += xm.sum(dim=1, dtype=f64)  # sums of exactly the values the products see
+        self.s2 += (xm * xm).sum(dim=1, dtype=f64)
+        # in-place adds promote the fp32 products into the fp64 accumulators without an fp64 N x N temporary
         if self.gram is not None:
-            self.gram += (xm @ xm.T).double()
+            self.gram += xm @ xm.T
         if self.sk is not None and s is not None:
-            self.sk += (xm @ s.to(mm_dtype)).double()
+            self.sk += xm @ s
         if self.pgram is not None and self.probe is not None:
-            self.pgram += (xm[self.probe] @ xm.T).double()
+            self.pgram += xm[self.probe] @ xm.T
 
 
 class SignalStats:
@@ -95,13 +96,13 @@ class SignalStats:
         pre, post = pre.to(self.device), post.to(self.device)
         s = None
         if self.mode == "sketch":
-            s = torch.randn(pre.shape[1], self.sketch_dim, generator=self._gen, dtype=torch.float64)
-            s = s.to(self.device) / math.sqrt(self.sketch_dim)
-            self.s_colsum += s.sum(dim=0)  # type: ignore[operator]
+            s = torch.randn(pre.shape[1], self.sketch_dim, generator=self._gen, dtype=self.mm_dtype)
+            s = s.to(self.device).mul_(1.0 / math.sqrt(self.sketch_dim))
+            self.s_colsum += s.sum(dim=0, dtype=torch.float64)  # type: ignore[operator]
         self.pre.update(pre, s, self.mm_dtype)
         self.post.update(post, s, self.mm_dtype)
-        self.nnz_post += (post != 0).sum(dim=1).double()
-        self.abs_sum_post += post.double().abs().sum(dim=1)
+        self.nnz_post += (post != 0).sum(dim=1)
+        self.abs_sum_post += post.abs().sum(dim=1, dtype=torch.float64)
         self.m += int(pre.shape[1])
         return self
 

@@ -85,6 +85,29 @@ def test_spectral_scorer_equals_engine_on_same_stats():
     assert "residual_max" in out.extra["diagnostics"]
 
 
+def test_hybrid_rank_is_product_of_shifted_percentile_ranks_and_keeps_dead_units_first():
+    from tests.conftest import relu_layer
+
+    pre, post = relu_layer(30, 200, seed=7)
+    post[4] = 0.0  # dead
+    st = sg.SignalStats(30, precision="fp64").update(pre, post)
+    w_in, w_out = torch.randn(30, 4, generator=torch.Generator().manual_seed(0)), torch.randn(30, 6)
+    out = run_scorer("hybrid_rank", ScoreContext(st, w_in, w_out, options={"k": 5, "num_eigs": 4}))
+    spec = sg.score(pre, post, k=5, num_eigs=4).scores
+    mag = run_scorer("wanda_sp", ScoreContext(st, w_in, w_out)).scores
+    # independent ranks: argsort of argsort (no ties here), dead spectral unit -> -inf
+    alive = torch.isfinite(spec)
+    r_spec = torch.full((30,), -1.0, dtype=torch.float64)
+    r_spec[torch.argsort(spec)] = torch.arange(30, dtype=torch.float64) / 30
+    r_spec[~alive] = -1.0
+    r_mag = torch.empty(30, dtype=torch.float64)
+    r_mag[torch.argsort(mag)] = torch.arange(30, dtype=torch.float64) / 30
+    want = (r_spec + 1 / 30) * (r_mag + 1 / 30)
+    assert out.scores[4] == -math.inf
+    torch.testing.assert_close(out.scores[alive], want[alive])
+    assert torch.equal(out.neighbors, sg.score(pre, post, k=5, num_eigs=4).neighbors)
+
+
 def test_baseline_neighbors_on_request_match_spectral_input_graph():
     from tests.conftest import relu_layer
 
