@@ -229,3 +229,40 @@ def test_stats_keep_mean_abs_and_nonzero_counts():
     mu, sd = st.mean_std("post")
     torch.testing.assert_close(mu, post.mean(1))
     torch.testing.assert_close(sd, post.std(1, correction=0))
+
+
+def _hub_graph(n: int, hubs: int, k: int, seed: int):
+    """Every non-hub node linked to k random hubs: nearly bipartite, so J^(1/2) B J^(1/2) has eigenvalues
+    above 2 (normalised-Laplacian top ~2 plus the rank-one term) -- kNN hubness on high-dimensional data."""
+    from spectra_gpu.ops.laplacian import Graph
+
+    g = torch.Generator().manual_seed(seed)
+    src = torch.arange(hubs, n).repeat_interleave(k)
+    dst = torch.stack([torch.randperm(hubs, generator=g)[:k] for _ in range(n - hubs)]).reshape(-1)
+    row, col = torch.minimum(src, dst), torch.maximum(src, dst)
+    order = torch.argsort(row * n + col)
+    e = row.numel()
+    return Graph(n, row[order], col[order], torch.ones(e, dtype=torch.float64), torch.ones(e, dtype=torch.float64))
+
+
+def test_lobpcg_preconditioner_stays_spd_when_the_undamped_one_is_indefinite():
+    from spectra_gpu.ops.laplacian import laplacian_dense, laplacian_operator, laplacian_csr
+    from spectra_gpu.scoring.spectral import _damping, _solve
+
+    n = 900
+    gy = _hub_graph(n, 30, 10, seed=0)
+    gx = _hub_graph(n, 45, 10, seed=1)
+    deg = gy.degree()
+    c = float(deg.mean()) / n
+    b = laplacian_dense(gy) + c
+    jac = 1.0 / (deg + c)
+    mu = torch.linalg.eigvalsh(jac.sqrt()[:, None] * b * jac.sqrt()[None, :])
+    assert float(mu[-1]) > 2.0  # the undamped 2J - JBJ is indefinite here
+    w = _damping(laplacian_operator(laplacian_csr(gy), c), jac[:, None], c, seed=0)
+    assert w * float(mu[-1]) < 2.0  # the damped one is SPD
+    diag_l: dict = {}
+    diag_d: dict = {}
+    lam_l, u_l = _solve(gx, gy, 16, "lobpcg", 1e-8, 500, 0, diag_l)
+    lam_d, _ = _solve(gx, gy, 16, "dense", 1e-8, 500, 0, diag_d)
+    assert diag_l["solver"]["converged"], diag_l
+    torch.testing.assert_close(lam_l, lam_d, rtol=1e-6, atol=0)

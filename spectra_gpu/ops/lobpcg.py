@@ -107,13 +107,25 @@ def _small_eigh(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _b_orthonormal_basis(s: torch.Tensor, bs: torch.Tensor, drop: float) -> torch.Tensor:
-    """Coefficients C with (S C)^T B (S C) = I, spanning the numerically independent part of span(S)."""
-    g = s.T @ bs
+    """Coefficients C with (S C)^T B (S C) = I, spanning the numerically independent part of span(S).
+
+    One pass through the Gram matrix's eigen-decomposition loses orthonormality in proportion to its
+    condition number (near convergence P and W are almost dependent: cond 1e6 leaves (S C)^T B (S C) off
+    the identity by ~1e-4, and LOBPCG then drifts away from converged pairs instead of refining them), so an
+    ill-conditioned first pass is repeated on the computed basis (the 'twice is enough' rule of CholQR2)."""
+    c, cond = _gram_coefficients(s.T @ bs, drop)
+    if cond > 1e4:
+        c2, _ = _gram_coefficients((s @ c).T @ (bs @ c), drop)
+        c = c @ c2
+    return c
+
+
+def _gram_coefficients(g: torch.Tensor, drop: float) -> tuple[torch.Tensor, float]:
     d = torch.diagonal(g).clamp_min(torch.finfo(g.dtype).tiny).rsqrt()
     g = d[:, None] * g * d[None, :]  # scale to unit diagonal before the eigen-decomposition
     e, v = _small_eigh(g)
     keep = e > drop * e[-1]
-    return d[:, None] * v[:, keep] * e[keep].rsqrt()[None, :]
+    return d[:, None] * v[:, keep] * e[keep].rsqrt()[None, :], float((e[-1] / e[keep][0]).sqrt())
 
 
 def lobpcg(a: Operator, k: int, b: Operator | None = None, *, m: Operator | None = None,
