@@ -37,9 +37,10 @@ class _Side:
         self.pgram = torch.zeros(len(probe), n, **f64) if probe is not None else None
 
     def update(self, x: torch.Tensor, s: torch.Tensor | None, mm_dtype: torch.dtype) -> None:
-        if self.shift is None:  # representable in the product dtype: x - shift rounds once, in x's precision
+        if self.shift is None:  # representable in the product dtype, so the subtraction below uses it exactly
             self.shift = x.mean(dim=1, dtype=torch.float64).to(mm_dtype).double()
-        xm = (x - self.shift.to(x.dtype)[:, None]).to(mm_dtype)
+        wide = torch.promote_types(x.dtype, mm_dtype)  # fp32 inputs with fp32 products: no copy
+        xm = (x.to(wide) - self.shift.to(wide)[:, None]).to(mm_dtype)
         f64 = torch.float64
         self.s1 += xm.sum(dim=1, dtype=f64)  # sums of exactly the values the products see
         self.s2 += (xm * xm).sum(dim=1, dtype=f64)

@@ -123,6 +123,13 @@ def test_streaming_shift_survives_large_offsets():
     pre, post = pre + 1e4, post + 1e4  # E[x^2] - E[x]^2 would cancel catastrophically without the shift
     st = sg.SignalStats(50, precision="fp64").update(pre[:, :200], post[:, :200]).update(pre[:, 200:], post[:, 200:])
     torch.testing.assert_close(sg.score(st).scores, sg.score(pre, post).scores, rtol=1e-6, atol=1e-8)
+    # fp32 inputs, fp64 products: the shift is applied in fp64, so the moments are exact to fp64 rounding
+    p32, q32 = pre.float(), post.float()
+    st = sg.SignalStats(50, precision="fp64").update(p32[:, :200], q32[:, :200]).update(p32[:, 200:], q32[:, 200:])
+    mean, std = st.mean_std("pre")
+    x = p32.double()
+    torch.testing.assert_close(mean, x.mean(1), rtol=1e-13, atol=0)
+    torch.testing.assert_close(std, x.std(1, correction=0), rtol=1e-9, atol=0)
 
 
 def test_sketch_reports_recall_that_grows_with_sketch_dim():
