@@ -59,14 +59,20 @@ class _Side:
         self.dist, self.rows = dist, rows
 
 
-def _preprocess(x: torch.Tensor, mode: str) -> torch.Tensor:
+def _centered(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x - row mean, row std): two passes (no E[x^2] - E[x]^2 cancellation), three times faster than
+    torch.std_mean on CPU; the centred copy is reused by the preprocessing."""
+    xc = x - x.mean(dim=1, keepdim=True)
+    return xc, torch.linalg.vector_norm(xc, dim=1) / math.sqrt(x.shape[1])
+
+
+def _preprocess(x: torch.Tensor, xc: torch.Tensor, std: torch.Tensor, mode: str) -> torch.Tensor:
+    """phi(x) from x, its centred copy (overwritten for 'zscore') and its row std."""
     if mode == "raw":
         return x
-    xc = x - x.mean(dim=1, keepdim=True)
     if mode == "center":
         return xc
-    std = xc.pow(2).mean(dim=1, keepdim=True).sqrt()
-    return xc / std.clamp_min(torch.finfo(x.dtype).tiny)
+    return xc.mul_((1.0 / std.clamp_min(torch.finfo(x.dtype).tiny))[:, None])
 
 
 def _dead_mask(std_pre: torch.Tensor, std_post: torch.Tensor, nnz_post: torch.Tensor, m: int) -> torch.Tensor:
@@ -250,9 +256,9 @@ def score(pre: Any, post: Any = None, *, k: int = 10, num_eigs: int | str = 32, 
         if pre.dtype != post.dtype:
             pre, post = pre.double(), post.double()
         device = pre.device
-        std_pre = pre.std(dim=1, correction=0)
-        std_post = post.std(dim=1, correction=0)
-        nnz_post = (post != 0).sum(dim=1)
+        cen_pre, std_pre = _centered(pre)
+        cen_post, std_post = _centered(post)
+        nnz_post = (post != 0).sum(dim=1, dtype=torch.int32)  # int64 sums of bools are 2x slower
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k: expected an int >= 1, got {k!r}")
     if isinstance(tol, bool) or not tol > 0:
@@ -276,9 +282,11 @@ def score(pre: Any, post: Any = None, *, k: int = 10, num_eigs: int | str = 32, 
     t = time.perf_counter()
     if stats is None:
         sides = []
-        for x in (pre, post):
-            rows = _preprocess(x[units] if na < n else x, preprocess)
+        for x, xc, sd in ((pre, cen_pre, std_pre), (post, cen_post, std_post)):
+            rows = _preprocess(x, xc, sd, preprocess)
+            rows = rows[units] if na < n else rows
             sides.append(_Side(SqDist(rows), rows))
+        del cen_pre, cen_post
     elif stats.mode == "exact":
         sides = [_Side(SqDist(gram=stats.gram(sd, preprocess, alive)), None) for sd in ("pre", "post")]
     else:
