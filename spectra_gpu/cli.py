@@ -147,10 +147,11 @@ def _demo(args: argparse.Namespace) -> int:
         rows.append(_run_prune(args, quiet=True))
     if args.compare:
         m = main_rep["metric_name"]
-        print(f"  {'scorer':<10} {m + ' after pruning':>22} {m + ' after fine-tune':>24}  (same target, rounds, "
+        w = max(len("scorer"), *(len(r["scorer"]) for r in rows))
+        print(f"  {'scorer':<{w}} {m + ' after pruning':>22} {m + ' after fine-tune':>24}  (same target, rounds, "
               "calibration and fine-tune)")
         for r in rows:
-            print(f"  {r['scorer']:<10} {r['metric_after_prune']:>22.4f} {r['metric_after_finetune']:>24.4f}")
+            print(f"  {r['scorer']:<{w}} {r['metric_after_prune']:>22.4f} {r['metric_after_finetune']:>24.4f}")
     print(f"  reports: {base}/<scorer>/report.md")
     return 0
 
@@ -249,9 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--scorer", default="spectral")
     d.add_argument("--out", default=None, help="directory for the runs, one subdirectory per scorer (default: a "
                    "new temporary directory)")
-    d.add_argument("--compare", nargs="*", default=["random"], metavar="SCORER",
-                   help="baseline scorers run with the same recipe for comparison (default: random; none: "
-                   "--compare with no names)")
+    d.add_argument("--compare", nargs="*", default=["hybrid_rank", "random"], metavar="SCORER",
+                   help="other scorers run with the same recipe for comparison (default: hybrid_rank random; "
+                   "none: --compare with no names)")
     d.add_argument("--seed", type=_positive_int, default=0)
     _add_prune_opts(d, demo=True)
     pr = sub.add_parser("prune", help="prune a model to a target effective parameter reduction, fine-tune, report")

@@ -49,8 +49,10 @@ def test_demo_end_to_end_console_script(env, tmp_path):
     assert all(k in rep for k in REQUIRED)
     assert rep["scorer"] == "spectral" and rep["target"] == 0.5 and 0.5 <= rep["epr"] < 0.51
     assert rep["metric_after_finetune"] > 0.9
-    base = json.loads((tmp_path / "random" / "report.json").read_text())
-    assert base["scorer"] == "random" and base["params_after"] <= base["params_before"] / 2 + 300
+    for name in ("hybrid_rank", "random"):  # the default comparison, same recipe
+        base = json.loads((tmp_path / name / "report.json").read_text())
+        assert base["scorer"] == name and base["params_after"] <= base["params_before"] / 2 + 300
+        assert f"  {name} " in p.stdout
 
 
 @pytest.mark.parametrize("argv,match", [
