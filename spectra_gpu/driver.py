@@ -52,7 +52,8 @@ CHECKPOINT = "checkpoint.pt"
 KINDS = _units.KINDS  # neuron (MLP), channel (conv), ffn (transformer FFN neuron), head
 EPR_BASES = ("total", "prunable")
 HEAD_K = 3  # per-layer head graphs are tiny (12-32 nodes): k = min(3, H - 1), algorithm.md section 6
-BUILTIN_BASELINES = frozenset(SCORERS) - {"spectral"}
+SPECTRAL_SCORERS = ("spectral", "hybrid_rank")  # take sg.score's options
+BUILTIN_BASELINES = frozenset(SCORERS) - set(SPECTRAL_SCORERS)
 
 
 @dataclass(frozen=True)
@@ -202,11 +203,12 @@ def min_keep(kind: str, original_width: int, cfg: PruneConfig) -> int:
 
 
 def _scorer_options(cfg: PruneConfig, kind: str) -> dict[str, Any]:
-    """The options a scorer gets: spectral all of them (heads: k <= 3); built-in baselines only the kNN
-    request of one-per-neighbourhood (their formulas take none); registered scorers all, plus that request."""
+    """The options a scorer gets: spectral and hybrid_rank all of them (heads: k <= 3); built-in baselines only
+    the kNN request of one-per-neighbourhood (their formulas take none); registered scorers all, plus that
+    request."""
     opts = dict(cfg.scorer_options)
     k = int(opts.get("k", HEAD_K if kind == "head" else 10))
-    if cfg.scorer == "spectral":
+    if cfg.scorer in SPECTRAL_SCORERS:
         if kind == "head":
             opts["k"] = min(k, HEAD_K)
         return opts

@@ -410,3 +410,12 @@ def test_recalibrate_bn_option_in_the_driver():
     assert res.report["config"]["recalibrate_bn"] is True
     assert res.model.bn2.running_var.shape[0] == res.report["widths_after"]["conv2"]
     assert not torch.equal(res.model.bn2.running_var, before[: res.model.bn2.running_var.shape[0]])
+
+
+def test_hybrid_rank_gets_the_spectral_options_with_the_head_cap():
+    from spectra_gpu.driver import _scorer_options
+
+    cfg = PruneConfig(scorer="hybrid_rank", scorer_options={"k": 8, "num_eigs": 16})
+    assert _scorer_options(cfg, "ffn") == {"k": 8, "num_eigs": 16}
+    assert _scorer_options(cfg, "head") == {"k": 3, "num_eigs": 16}
+    assert _scorer_options(PruneConfig(scorer="wanda_sp", scorer_options={"k": 8}), "ffn") == {}
