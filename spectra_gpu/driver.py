@@ -152,9 +152,16 @@ def _prunable_params(model: nn.Module, groups: Sequence[Any]) -> int:
 ForwardFn = Callable[[nn.Module, Any], Any]
 
 
+def _stats_mode(scorer: str, neighbors: bool) -> str:
+    """Magnitude baselines without kNN lists need only per-unit moments: no N x N Gram per group (capture of
+    SmolLM2's 30 FFN layers on its 2048 calibration tokens, one thread: 8.5 s instead of 16 s; the plain
+    forward pass alone takes 5 s)."""
+    return "moments" if scorer in BUILTIN_BASELINES and not neighbors else "exact"
+
+
 def _capture_stats(model: nn.Module, groups: Sequence[Any], calib: Sequence[Any],
-                   forward: ForwardFn | None) -> dict[str, Any]:
-    return dict(_capture_fn(model, list(groups), calib, forward=forward, progress=_progress_on()))
+                   forward: ForwardFn | None, mode: str = "exact") -> dict[str, Any]:
+    return dict(_capture_fn(model, list(groups), calib, forward=forward, mode=mode, progress=_progress_on()))
 
 
 def _capture_taylor(model: nn.Module, groups: Sequence[Any], calib: Sequence[Any],
@@ -507,7 +514,8 @@ class Pruner:
                   if g.size > st["min_keep"][g.name] and g.size >= 3]
         t = time.perf_counter()
         self.model.eval()
-        stats = _capture_stats(self.model, groups, self.calib, self.forward) if groups else {}
+        mode = _stats_mode(cfg.scorer, cfg.one_per_neighbourhood)
+        stats = _capture_stats(self.model, groups, self.calib, self.forward, mode) if groups else {}
         taylor = (_capture_taylor(self.model, groups, self.calib, self.loss_fn)  # type: ignore[arg-type]
                   if cfg.scorer in NEEDS_TAYLOR and groups else {})
         t_cap = time.perf_counter() - t
@@ -653,7 +661,7 @@ def score_model(model: nn.Module, calib: Sequence[Any], *, scorer: str = "spectr
         raise ValueError(f"model: found no groups of >= 3 units of kinds {list(cfg.kinds)}")
     model.eval()
     t = time.perf_counter()
-    stats = _capture_stats(model, gs, list(calib), forward)
+    stats = _capture_stats(model, gs, list(calib), forward, _stats_mode(scorer, False))
     taylor = _capture_taylor(model, gs, list(calib), loss_fn) if scorer in NEEDS_TAYLOR else {}  # type: ignore[arg-type]
     t_cap = time.perf_counter() - t
     outs: dict[str, ScoreOutput] = {}

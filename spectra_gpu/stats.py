@@ -12,6 +12,10 @@ Gaussian S [M, sketch_dim] drawn batch by batch (the same rows for both sides), 
 standardisation is applied afterwards by linearity, so the sketch is of the z-scored rows as the spec
 requires. A probe of ``probe`` random units keeps its exact Gram rows, so diagnostics report recall@k of
 the sketched kNN against the exact one.
+
+In ``moments`` mode it keeps only the per-unit sums, sums of squares, non-zero counts and absolute sums:
+O(N) memory and no matrix product, all that magnitude criteria (Wanda-sp, FLAP, activation statistics)
+need. ``spectra_gpu.score`` refuses it.
 """
 
 from __future__ import annotations
@@ -25,14 +29,17 @@ import torch
 from ._validation import as_signal, check_finite, check_pair
 
 
+MODES = ("exact", "sketch", "moments")
+
+
 class _Side:
-    def __init__(self, n: int, device: torch.device, exact: bool, sketch_dim: int, probe: torch.Tensor | None):
+    def __init__(self, n: int, device: torch.device, mode: str, sketch_dim: int, probe: torch.Tensor | None):
         f64 = dict(dtype=torch.float64, device=device)
         self.shift: torch.Tensor | None = None
         self.s1 = torch.zeros(n, **f64)  # sum of shifted signals
         self.s2 = torch.zeros(n, **f64)  # sum of squared shifted signals
-        self.gram = torch.zeros(n, n, **f64) if exact else None  # shifted Gram
-        self.sk = torch.zeros(n, sketch_dim, **f64) if not exact else None  # shifted signals @ S
+        self.gram = torch.zeros(n, n, **f64) if mode == "exact" else None  # shifted Gram
+        self.sk = torch.zeros(n, sketch_dim, **f64) if mode == "sketch" else None  # shifted signals @ S
         self.probe = probe
         self.pgram = torch.zeros(len(probe), n, **f64) if probe is not None else None
 
@@ -58,8 +65,8 @@ class SignalStats:
 
     def __init__(self, n_units: int, *, mode: str = "exact", sketch_dim: int = 4096, probe: int = 256,
                  seed: int = 0, precision: str = "fp32", device: torch.device | str | None = None) -> None:
-        if mode not in ("exact", "sketch"):
-            raise ValueError(f"mode: expected 'exact' or 'sketch', got {mode!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
         if precision not in ("fp32", "fp64"):
             raise ValueError(f"precision: expected 'fp32' or 'fp64', got {precision!r}")
         if not isinstance(n_units, int) or n_units < 3:
@@ -75,15 +82,14 @@ class SignalStats:
         self.m = 0
         self.nnz_post = torch.zeros(n_units, dtype=torch.float64, device=self.device)
         self.abs_sum_post = torch.zeros(n_units, dtype=torch.float64, device=self.device)  # for mean |a|
-        exact = mode == "exact"
         probe_idx = None
-        if not exact and probe > 0:
+        if mode == "sketch" and probe > 0:
             g = torch.Generator().manual_seed(seed + 1)
             probe_idx = torch.randperm(n_units, generator=g)[: min(probe, n_units)].sort().values.to(self.device)
         self.probe_idx = probe_idx
-        self.pre = _Side(n_units, self.device, exact, sketch_dim, probe_idx)
-        self.post = _Side(n_units, self.device, exact, sketch_dim, probe_idx)
-        self.s_colsum = torch.zeros(sketch_dim, dtype=torch.float64, device=self.device) if not exact else None
+        self.pre = _Side(n_units, self.device, mode, sketch_dim, probe_idx)
+        self.post = _Side(n_units, self.device, mode, sketch_dim, probe_idx)
+        self.s_colsum = torch.zeros(sketch_dim, dtype=torch.float64, device=self.device) if mode == "sketch" else None
         self._gen = torch.Generator().manual_seed(seed)
 
     def update(self, pre: Any, post: Any) -> SignalStats:

@@ -419,3 +419,11 @@ def test_hybrid_rank_gets_the_spectral_options_with_the_head_cap():
     assert _scorer_options(cfg, "ffn") == {"k": 8, "num_eigs": 16}
     assert _scorer_options(cfg, "head") == {"k": 3, "num_eigs": 16}
     assert _scorer_options(PruneConfig(scorer="wanda_sp", scorer_options={"k": 8}), "ffn") == {}
+
+
+def test_magnitude_baselines_capture_moments_only_unless_neighbours_are_needed():
+    from spectra_gpu.driver import _stats_mode
+
+    assert _stats_mode("wanda_sp", False) == "moments" and _stats_mode("random", False) == "moments"
+    assert _stats_mode("wanda_sp", True) == "exact"  # one-per-neighbourhood needs the kNN graph
+    assert _stats_mode("spectral", False) == "exact" and _stats_mode("hybrid_rank", False) == "exact"

@@ -273,3 +273,16 @@ def test_lobpcg_preconditioner_stays_spd_when_the_undamped_one_is_indefinite():
     lam_d, _ = _solve(gx, gy, 16, "dense", 1e-8, 500, 0, diag_d)
     assert diag_l["solver"]["converged"], diag_l
     torch.testing.assert_close(lam_l, lam_d, rtol=1e-6, atol=0)
+
+
+def test_moments_mode_keeps_no_gram_and_score_refuses_it():
+    pre, post = relu_layer(40, 300, seed=3)
+    ex = sg.SignalStats(40, precision="fp64").update(pre, post)
+    mo = sg.SignalStats(40, mode="moments", precision="fp64").update(pre, post)
+    assert mo.pre.gram is None and mo.pre.sk is None and mo.nbytes() < ex.nbytes() / 10
+    for side in ("pre", "post"):
+        for a, b in zip(mo.mean_std(side), ex.mean_std(side)):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mo.nnz_post, ex.nnz_post)
+    with pytest.raises(ValueError, match="mode 'moments'"):
+        sg.score(mo)

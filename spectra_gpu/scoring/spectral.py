@@ -238,6 +238,9 @@ def score(pre: Any, post: Any = None, *, k: int = 10, num_eigs: int | str = 32, 
     if stats is not None:
         if post is not None:
             raise ValueError("score: give either (pre, post) tensors or one SignalStats, not both")
+        if stats.mode == "moments":
+            raise ValueError("score: expected SignalStats in mode 'exact' or 'sketch' (distances need Gram "
+                             "matrices or sketches), got mode 'moments'")
         n, m = stats.n, stats.m
         _, std_pre = stats.mean_std("pre")  # raises first if no batch was added
         _, std_post = stats.mean_std("post")
