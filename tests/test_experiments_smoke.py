@@ -81,3 +81,73 @@ def test_finetune_smoke(tmp_path: Path) -> None:
     p0 = 784 * 512 + 512 + 512 * 512 + 512 + 512 * 10 + 10
     assert epr == pytest.approx(1 - (784 * w + w + w * w + w + w * 10 + 10) / p0)
     assert isinstance(st.model, models.MLP)
+
+
+def test_head_removal_smoke() -> None:
+    """run_head_removal on a tiny random BERT (no download): per layer round(f x H) heads go, the sliced
+    model keeps its attention bookkeeping consistent, one-shot and iterative both evaluate every fraction."""
+    transformers = pytest.importorskip("transformers")
+    import copy
+    import types
+
+    import common
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=32)
+    enc = transformers.BertModel(cfg).eval()
+    ids = torch.randint(1, 50, (6, 10))
+    calib = [{"input_ids": ids[:3], "attention_mask": torch.ones(3, 10, dtype=torch.long),
+              "labels": torch.tensor([0, 1, 0])},
+             {"input_ids": ids[3:], "attention_mask": torch.ones(3, 10, dtype=torch.long),
+              "labels": torch.tensor([1, 0, 1])}]
+    head = torch.nn.Linear(32, 2)
+    seen: list[int] = []
+
+    from spectra_gpu.units import discover_groups
+
+    def groups(m):
+        return sorted(discover_groups(m, "head"), key=lambda g: g.name)
+
+    def forward(m, b):
+        return m(**{k: v for k, v in b.items() if k != "labels"})
+
+    def loss_fn(m, b):
+        return torch.nn.functional.cross_entropy(head(forward(m, b).last_hidden_state.mean(1)), b["labels"])
+
+    def evaluate(m):
+        seen.append(sum(int(g.size) for g in groups(m)))
+        with torch.no_grad():
+            return {"metric": 0.5, "loss": float(loss_fn(m, calib[0]))}
+
+    stub = types.SimpleNamespace(dense=enc, copy=lambda: copy.deepcopy(enc), groups=groups, calib=calib,
+                                 forward=forward, loss_fn=loss_fn, evaluate=evaluate,
+                                 info={"groups": {g.name: int(g.size) for g in groups(enc)}})
+    for method in ("spectral", "taylor", "hybrid_rank", "random"):
+        for it in (False, True):
+            seen.clear()
+            r = common.run_head_removal(stub, method, [0.25, 0.5], iterative=it, seed=1)
+            assert [p["fraction"] for p in r["points"]] == [0.25, 0.5]
+            assert seen == [2 * 3, 2 * 2]  # 4 heads per layer: 1 then 2 removed in each of 2 layers
+            assert all(np.isfinite(p["loss"]) for p in r["points"])
+            assert r["rounds"] == (2 if it else 1)
+    assert sum(int(g.size) for g in groups(enc)) == 8  # the dense encoder is never touched
+
+
+def test_finetune_driver_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver-based fine-tune experiment on the digits MLP task: EPR lands on the target, metrics recorded
+    before and after the fine-tune, in the finetune JSON contract make_report reads."""
+    import exp_finetune_driver
+
+    monkeypatch.setenv("SPECTRA_GPU_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "ft_driver.json"
+    res = exp_finetune_driver.main(["--smoke", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert {r["method"] for r in saved["runs"]} == {"spectral", "random"} == {r["method"] for r in res["runs"]}
+    for r in saved["runs"]:
+        assert 0.3 <= r["epr"] < 0.31
+        assert 0.0 <= r["before_ft"]["metric"] <= 1.0 and 0.0 <= r["after_ft"]["metric"] <= 1.0
+        assert r["score_seconds"] > 0 and r["rounds"] >= 1
+    import make_report
+
+    assert "spectral" in make_report.finetune_table(saved)

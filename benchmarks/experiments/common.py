@@ -222,7 +222,7 @@ def _hybrid(spectral_opts: dict[str, Any], rank: bool = False) -> Scorer:
 SPECTRAL_DEFAULT: dict[str, Any] = dict(k=10, num_eigs=32, direction="fwd", preprocess="zscore")
 register_scorer("hybrid", _hybrid(SPECTRAL_DEFAULT))
 register_scorer("hybrid_full", _hybrid({**SPECTRAL_DEFAULT, "num_eigs": "full"}))
-register_scorer("hybrid_rank", _hybrid(SPECTRAL_DEFAULT, rank=True))
+# hybrid_rank is a product scorer (spectra_gpu.scorers.hybrid_rank)
 
 
 def _top_first(ctx: ScoreContext) -> ScoreOutput:
@@ -375,6 +375,12 @@ def machine_info() -> dict[str, Any]:
                              cwd=ROOT).stdout.strip()
     except OSError:
         sha = ""
+    try:  # uncommitted changes of the product at start (the working tree is shared with other engineers)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "spectra_gpu"], capture_output=True,
+                               text=True, cwd=ROOT).stdout.split("\n")
+        dirty = [ln[3:] for ln in dirty if ln.strip()]
+    except OSError:
+        dirty = []
     cpu = ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -384,6 +390,7 @@ def machine_info() -> dict[str, Any]:
         pass
     return {"machine": f"{os.cpu_count()}-core CPU ({cpu or platform.machine()}), no GPU",
             "torch": torch.__version__, "threads": torch.get_num_threads(), "git_sha": sha,
+            "product_uncommitted": dirty,
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
@@ -422,3 +429,85 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+# ---------------------------------------------------------------------------------------------- attention heads
+HEAD_K = 3  # per-layer head graphs have 12 nodes: k = min(3, H - 1) (algorithm.md section 6, the driver's HEAD_K)
+register_scorer("hybrid_rank_heads", _hybrid({**SPECTRAL_DEFAULT, "k": HEAD_K}, rank=True))
+
+
+def head_method(method: str) -> tuple[str, dict[str, Any]]:
+    """The registered scorer and options of ``method`` on head groups: spectral variants with k = 3 (as the
+    driver does for heads), hybrid_rank through its k = 3 twin, every other method unchanged."""
+    if method == "hybrid_rank":
+        return "hybrid_rank_heads", {}
+    name, opts = METHODS[method]
+    if name == "spectral":
+        opts = {**opts, "k": min(int(opts.get("k", HEAD_K)), HEAD_K)}
+    elif name.startswith("hybrid") or name == "spectral_top_first":
+        raise ValueError(f"method {method!r}: no head version (use spectral, hybrid_rank or a baseline)")
+    return name, opts
+
+
+def _score_heads(hs: Any, model: nn.Module, method: str, seed: int) -> tuple[list[Any], dict[str, torch.Tensor]]:
+    """Capture the current model's head signals (and Taylor terms if needed) with the product's capture and
+    score every head group; returns (groups, {group: scores})."""
+    from spectra_gpu.capture import capture, capture_taylor
+
+    name, opts = head_method(method)
+    groups = hs.groups(model)
+    stats = capture(model, groups, hs.calib, forward=hs.forward, progress=False)
+    tay = (capture_taylor(model, groups, hs.calib, hs.loss_fn, progress=False) if name in NEEDS_TAYLOR
+           else {})
+    out = {}
+    for gi, g in enumerate(groups):
+        ctx = ScoreContext(stats[g.name], g.in_weight().detach(), g.out_weight().detach(), tay.get(g.name),
+                           seed * 100003 + gi, dict(opts))
+        out[g.name] = run_scorer(name, ctx).scores
+    return groups, out
+
+
+def run_head_removal(hs: Any, method: str, fractions: list[float], iterative: bool = False,
+                     seed: int = 0) -> dict[str, Any]:
+    """Cumulative removal of attention heads without fine-tune: in every layer remove round(f x 12) heads.
+    One-shot: score the dense encoder once (signals, and gradients for Taylor, from the calibration set),
+    remove the lowest-scoring heads of each layer. Iterative: rounds of one head per layer, every round
+    re-capturing the signals on the already sliced encoder and rescoring the survivors (no weight update).
+    Removal is the product's surgery on a copy of the dense encoder; the consumer's bias stays."""
+    from spectra_gpu.surgery import remove_units
+
+    fr = sorted(fractions)
+    points = []
+    t_score = 0.0
+    n_rounds = 0
+    if not iterative:
+        t = time.perf_counter()
+        groups, scores = _score_heads(hs, hs.dense, method, seed)
+        t_score += time.perf_counter() - t
+        n_rounds = 1
+        order = {g: torch.sort(s, stable=True).indices for g, s in scores.items()}
+        for f in fr:
+            m = hs.copy()
+            for g in hs.groups(m):
+                remove_units(m, g, order[g.name][:int(round(f * g.size))])
+            points.append({"fraction": f, **hs.evaluate(m)})
+    else:
+        m = hs.copy()
+        n0 = {g.name: int(g.size) for g in hs.groups(m)}
+        for f in fr:
+            target = {g: int(round(f * n)) for g, n in n0.items()}
+            while True:
+                todo = {g.name for g in hs.groups(m) if n0[g.name] - int(g.size) < target[g.name]}
+                if not todo:
+                    break
+                t = time.perf_counter()
+                groups, scores = _score_heads(hs, m, method, seed * 1000 + n_rounds)
+                t_score += time.perf_counter() - t
+                n_rounds += 1
+                for g in groups:
+                    if g.name in todo:
+                        remove_units(m, g, torch.sort(scores[g.name], stable=True).indices[:1])
+            points.append({"fraction": f, **hs.evaluate(m)})
+    return {"method": method, "round_frac": None if not iterative else "1 head/layer", "one_per_nbh": False,
+            "seed": seed, "groups": list(hs.info["groups"]), "points": points, "score_seconds": t_score,
+            "rounds": n_rounds}

@@ -24,7 +24,8 @@ import common  # noqa: E402
 from common import METHODS, machine_info, run_removal, write_json  # noqa: E402
 
 MODES = {"oneshot": (None, False), "iter2.5": (0.025, False), "iter5": (0.05, False), "iter10": (0.10, False),
-         "iter5_nbh": (0.05, True), "iter10_nbh": (0.10, True), "iter2.5_nbh": (0.025, True)}
+         "iter5_nbh": (0.05, True), "iter10_nbh": (0.10, True), "iter2.5_nbh": (0.025, True),
+         "iter1head": (None, False)}  # minilm_heads only: rounds of one head per layer, rescoring each round
 FRACTIONS = [0.25, 0.5, 0.75]
 MAIN_MODES = ["oneshot", "iter5", "iter5_nbh"]
 EXTRA_MODES = ["iter2.5", "iter10", "iter2.5_nbh", "iter10_nbh"]  # round-size study, on a few methods
@@ -42,11 +43,15 @@ def load(setup: str, seed: int, smoke: bool, n_eval: int | None = None) -> commo
         import llm
 
         return llm.minilm_setup(seed=seed, smoke=smoke, **({"n_eval": n_eval} if n_eval else {}))
+    if setup == "minilm_heads":
+        import llm
+
+        return llm.minilm_heads_setup(smoke=smoke, **({"n_eval": n_eval} if n_eval else {}))
     if setup == "smollm2":
         import llm
 
         return llm.smollm2_setup(smoke=smoke, **({"n_eval_seq": n_eval} if n_eval else {}))
-    raise ValueError(f"--setup: expected mlp, cnn, minilm or smollm2, got {setup!r}")
+    raise ValueError(f"--setup: expected mlp, cnn, minilm, minilm_heads or smollm2, got {setup!r}")
 
 
 def plan(methods: list[str], modes: list[str], scopes: list[str], extra: bool,
@@ -64,7 +69,8 @@ def plan(methods: list[str], modes: list[str], scopes: list[str], extra: bool,
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--setup", default="mlp", choices=["mlp", "cnn", "minilm", "smollm2"])
+    ap.add_argument("--setup", default="mlp", choices=["mlp", "cnn", "minilm", "minilm_heads", "smollm2"],
+                    help="minilm_heads: MiniLM attention heads of all 6 layers (scope 'all', modes oneshot/iter1head)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="trained-model seeds")
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--modes", nargs="+", default=MAIN_MODES, choices=list(MODES))
@@ -81,22 +87,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if unknown:
         ap.error(f"--methods: unknown {unknown}; expected names from {sorted(METHODS)}")
     common.setup_threads()
-    if a.smoke:
+    heads = a.setup == "minilm_heads"
+    if a.smoke and heads:
+        a.seeds, a.methods, a.modes, a.random_draws, a.no_round_study = a.seeds[:1], ["spectral", "random"], \
+            ["oneshot", "iter1head"], 1, True
+        a.scopes, a.fractions = ["all"], [0.25]
+    elif a.smoke:
         a.seeds, a.methods, a.modes = a.seeds[:1], ["spectral", "wanda_sp", "random"], ["oneshot", "iter10_nbh"]
         a.scopes, a.random_draws, a.no_round_study = ["layer1"], 1, True
+    if heads and (set(a.scopes) != {"all"} or set(a.modes) - {"oneshot", "iter1head"}):
+        ap.error("--setup minilm_heads: expected --scopes all and --modes from oneshot, iter1head")
+    if not heads and "iter1head" in a.modes:
+        ap.error("--modes iter1head: only for --setup minilm_heads")
     out: dict[str, Any] = {"experiment": "removal", "setup": a.setup, "argv": sys.argv[1:] if argv is None
                            else argv, "smoke": a.smoke, "machine": machine_info(), "fractions": a.fractions,
                            "models": {}, "runs": []}
     for seed in a.seeds:
         st = load(a.setup, seed, a.smoke, a.n_eval)
         out["models"][str(seed)] = st.info
-        groups_all = list(st.groups)
+        groups_all = [] if heads else list(st.groups)
         for scope, method, mode, draw in plan(a.methods, a.modes, a.scopes, not a.no_round_study,
                                               a.random_draws):
             rf, nbh = MODES[mode]
             t = time.perf_counter()
-            r = run_removal(st, groups_all[:1] if scope == "layer1" else groups_all, method, a.fractions,
-                            round_frac=rf, one_per_nbh=nbh, seed=draw)
+            if heads:
+                r = common.run_head_removal(st, method, a.fractions, iterative=mode == "iter1head", seed=draw)
+            else:
+                r = run_removal(st, groups_all[:1] if scope == "layer1" else groups_all, method, a.fractions,
+                                round_frac=rf, one_per_nbh=nbh, seed=draw)
             r.update(scope=scope, mode=mode, model_seed=seed, draw=draw, wall_seconds=time.perf_counter() - t)
             out["runs"].append(r)
             print(f"[{a.setup} seed{seed}] {scope:6s} {method:18s} {mode:10s} "

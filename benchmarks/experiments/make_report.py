@@ -71,7 +71,7 @@ def removal_table(data: dict[str, Any], scope: str, modes: list[str], rows: list
                   sort: bool = True) -> str:
     cells = removal_cells(data["runs"], scope)
     fr = data["fractions"]
-    metric = "accuracy" if data["setup"] in ("mlp", "cnn", "minilm") else "-perplexity"
+    metric = "accuracy" if data["setup"] in ("mlp", "cnn", "minilm", "minilm_heads") else "-perplexity"
     rnd = cells.get(("random", "oneshot"))
     head = (f"| method | selection | " + " | ".join(f"{int(f * 100)}% removed" for f in fr)
             + " | mean | vs random one-shot | seeds |\n|---|---|" + "---|" * (len(fr) + 3) + "\n")
@@ -98,6 +98,7 @@ HEADLINE = [("MNIST MLP, layer 1", MLP_FILES, "layer1"), ("MNIST MLP, both layer
             ("MNIST CNN, conv1", "removal_cnn.json", "layer1"), ("MNIST CNN, both convs", "removal_cnn.json", "all"),
             ("MiniLM FFN, layer 3", "removal_minilm_layer.json", "layer1"),
             ("MiniLM FFN, all 6 layers", "removal_minilm.json", "all"),
+            ("MiniLM attention heads, all 6 layers", "removal_minilm_heads.json", "all"),
             ("SmolLM2 FFN, 4 layers", "removal_smollm2.json", "all")]
 
 
@@ -183,18 +184,28 @@ def finetune_table(data: dict[str, Any]) -> str:
     methods = sorted({m for m, _ in per}, key=lambda m: -np.mean([np.mean(per[(m, t)]["after"]) for t in targets
                                                                   if (m, t) in per]))
     dense = np.array([m["dense"]["metric"] for m in data["models"].values()])
+    seeds = sorted({r["model_seed"] for r in data["runs"]})
+    who = (f"{data['seed_note']} ({len(seeds)} seed(s): {', '.join(map(str, seeds))})" if "seed_note" in data
+           else f"{len(data['models'])} trained models (seeds)")
     lines = [f"Schedule for every method: {data['mode']}; recovery fine-tune {data['ft_epochs']} epochs; "
-             f"{len(data['models'])} trained models (seeds); dense accuracy {_fmt(list(dense))}. EPR achieved: "
-             + ", ".join(f"{np.mean(eprs[t]):.3f}" for t in targets) + ".", "",
+             f"{who}; dense accuracy {_fmt(list(dense))}. EPR achieved: "
+             + ", ".join(f"{np.mean(eprs[t]):.3f}" for t in targets)
+             + (f" ({data['epr_basis']} basis; of all parameters: "
+                + ", ".join(f"{np.mean([r['epr_total'] for r in data['runs'] if r['epr_target'] == t]):.3f}"
+                            for t in targets) + ")" if data.get("driver") else "") + ".", "",
              "| method | " + " | ".join(f"EPR {int(t * 100)}%: before FT → after FT" for t in targets)
-             + " | scoring time per model (s) |", "|---|" + "---|" * (len(targets) + 1)]
+             + (" | scoring time per run (s; capture + scorer, all rounds) | runs per cell |" if data.get("driver")
+                else " | scoring time per model (s) |"),
+             "|---|" + "---|" * (len(targets) + 1 + bool(data.get("driver")))]
     for m in methods:
         cells = []
         for t in targets:
             c = per.get((m, t))
             cells.append(f"{_fmt(c['before'])} → **{_fmt(c['after'])}**" if c else "")
         ts = [x for t in targets for x in per.get((m, t), {}).get("t", [])]
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {np.mean(ts):.2f} |")
+        n = "/".join(str(len(per[(m, t)]["after"])) if (m, t) in per else "0" for t in targets)
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {np.mean(ts):.2f} |" + (f" {n} |" if data.get("driver")
+                                                                                   else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -257,6 +268,10 @@ def _save_fig(fig: Any, path: Path) -> None:
 PLOT_METHODS = [("spectral", "oneshot"), ("spectral", "iter5_nbh"), ("hybrid_rank", "iter5_nbh"),
                 ("wanda_sp", "oneshot"), ("taylor", "iter5"), ("random", "oneshot"), ("random", "iter5_nbh")]
 
+PLOT_METHODS_BY_SETUP = {"minilm_heads": [("spectral", "oneshot"), ("spectral", "iter1head"), ("hybrid_rank", "oneshot"),
+                                          ("wanda_sp", "oneshot"), ("taylor", "oneshot"), ("taylor", "iter1head"),
+                                          ("random", "oneshot"), ("random", "iter1head")]}
+
 
 def render(template: str) -> str:
     def table(mt: re.Match) -> str:
@@ -287,7 +302,8 @@ def render(template: str) -> str:
         if kind == "removal":
             modes = {mo for _, mo in PLOT_METHODS}
             have = {(r["method"], r["mode"]) for r in data["runs"]}
-            meths = [pm for pm in PLOT_METHODS if pm in have] or sorted(have)[:8]
+            meths = [pm for pm in PLOT_METHODS_BY_SETUP.get(data["setup"], PLOT_METHODS) if pm in have] \
+                or sorted(have)[:8]
             assert modes
             plot_removal(data, spec[2], png, meths)
         else:

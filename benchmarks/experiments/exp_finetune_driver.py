@@ -1,0 +1,127 @@
+"""Issue 3, item 4 on a transformer, through the product's driver: accuracy vs effective parameter reduction
+with one recovery fine-tune, every method on the same built-in task and recipe.
+
+  python benchmarks/experiments/exp_finetune_driver.py --task minilm-rt --targets 0.2 0.4 --seeds 0 1 2 \
+      --out benchmarks/results/evidence/finetune_minilm.json
+  python benchmarks/experiments/exp_finetune_driver.py --smoke --out /tmp/finetune_driver_smoke.json
+
+Each run is ``spectra_gpu.driver.prune`` on a fresh copy of the task's dense model (``spectra_gpu.tasks``:
+data split, calibration batches, loss, metric and fine-tune recipe are the task's, identical for every
+method): rounds of ``--round-fraction`` of each group's width (heads: the driver's uniform schedule in whole
+heads), every round re-capturing the signals on the already sliced model and rescoring, the last round
+trimmed so the EPR lands on the target, then the task's single recovery fine-tune. Seeds are the driver's
+``PruneConfig.seed`` (scorer seeds: random draws, solver starts; dropout of the fine-tune); the pretrained
+model and the task's data split are the same for every seed. Records the metric before pruning, after
+pruning (before FT) and after FT, the EPR achieved and the scoring seconds (capture + scorer). Methods are
+the product's scorers plus ``hybrid_rank`` (benchmarks/experiments/common.py, registered with the product's
+``register_scorer``; k = 3 on head groups as the driver uses for spectral). Loops seed > target > method,
+rewriting the JSON after every run, so an interrupted job leaves whole seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402  (registers hybrid_rank / hybrid_rank_heads with the product)
+from common import machine_info, write_json  # noqa: E402
+from spectra_gpu.scorers import SCORERS, ScoreContext, ScoreOutput, register_scorer  # noqa: E402
+
+DEFAULT_METHODS = ["spectral", "hybrid_rank", "wanda_sp", "taylor", "random"]
+HEAD_GROUP_MAX = 32  # groups this small are attention-head groups (FFN groups keep >= 5% of 1536 units)
+
+
+def _hybrid_rank_driver(ctx: ScoreContext) -> ScoreOutput:
+    """hybrid_rank for the driver: the driver passes registered scorers no unit kind, so head groups (<= 32
+    units; 12 per MiniLM layer) use the k = 3 twin, FFN groups the k = 10 default."""
+    name = "hybrid_rank_heads" if ctx.stats.n <= HEAD_GROUP_MAX else "hybrid_rank"
+    return SCORERS[name](ctx)
+
+
+register_scorer("hybrid_rank_driver", _hybrid_rank_driver)
+SCORER_OF = {"hybrid_rank": "hybrid_rank_driver"}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from spectra_gpu.driver import PruneConfig, prune
+    from spectra_gpu.finetune import FinetuneConfig
+    from spectra_gpu.tasks import load_task
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", default="minilm-rt", help="built-in task of spectra_gpu.tasks (default minilm-rt)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="PruneConfig seeds")
+    ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
+    ap.add_argument("--targets", type=float, nargs="+", default=[0.2, 0.4])
+    ap.add_argument("--kinds", nargs="+", default=None, help="unit kinds (default: the task's)")
+    ap.add_argument("--round-fraction", type=float, default=0.10)
+    ap.add_argument("--ft-steps", type=int, default=None, help="cap on fine-tune steps (default: the task's recipe)")
+    ap.add_argument("--smoke", action="store_true", help="digits-mlp, one seed, spectral and random, one target")
+    ap.add_argument("--out", required=True, type=Path)
+    a = ap.parse_args(argv)
+    common.setup_threads()
+    if a.smoke:
+        a.task, a.seeds, a.methods, a.targets = "digits-mlp", a.seeds[:1], ["spectral", "random"], [0.3]
+    known = set(SCORERS) | set(SCORER_OF)
+    bad = [m for m in a.methods if m not in known]
+    if bad:
+        ap.error(f"--methods: unknown {bad}; expected names from {sorted(known)}")
+    t = time.perf_counter()
+    task = load_task(a.task, seed=0)
+    t_task = time.perf_counter() - t
+    dense = copy.deepcopy(task.model).eval()
+    ft = task.finetune
+    if a.ft_steps is not None:
+        ft = FinetuneConfig(**{**ft.to_dict(), "steps": a.ft_steps})
+    kinds = tuple(a.kinds) if a.kinds else task.kinds
+    out: dict[str, Any] = {
+        "experiment": "finetune", "setup": a.task, "argv": sys.argv[1:] if argv is None else argv, "smoke": a.smoke,
+        "machine": machine_info(), "driver": True, "kinds": list(kinds), "epr_basis": task.epr_basis,
+        "round_fraction": a.round_fraction, "finetune": ft.to_dict(), "task_info": task.info,
+        "mode": f"driver, rounds of {int(a.round_fraction * 100)}% with rescoring ({'+'.join(kinds)})",
+        "ft_epochs": ft.epochs, "seed_note": "1 pretrained model; mean ± std over driver seeds (scorer + fine-tune)",
+        "seconds_task_setup": t_task, "models": {}, "runs": []}
+    for seed in a.seeds:
+        for target in a.targets:
+            for m in a.methods:
+                cfg = PruneConfig(target=target, scorer=SCORER_OF.get(m, m), kinds=kinds,
+                                  round_fraction=a.round_fraction, epr_basis=task.epr_basis, seed=seed,
+                                  track_metric=False, recalibrate_bn=task.recalibrate_bn, finetune=ft)
+                t = time.perf_counter()
+                res = prune(copy.deepcopy(dense), task.calib, cfg, loss_fn=task.loss_fn, evaluate=task.evaluate,
+                            metric_name=task.metric_name, train_batches=task.train_batches, forward=task.forward,
+                            plots=False, save_model=False)
+                rep = res.report
+                if "0" not in out["models"]:
+                    out["models"]["0"] = {"dense": {"metric": rep["metric_before"]},
+                                          "params": rep["params_before"],
+                                          "params_prunable": rep["params_prunable_before"]}
+                row = {"method": m, "scorer": cfg.scorer, "model_seed": seed, "epr_target": target,
+                       "epr": rep["epr"], "epr_total": rep["epr_total"], "epr_prunable": rep["epr_prunable"],
+                       "before_ft": {"metric": rep["metric_after_prune"]},
+                       "after_ft": {"metric": rep["metric_after_finetune"]},
+                       "dense": rep["metric_before"], "score_seconds": rep["seconds_scoring"],
+                       "seconds_capture": rep["seconds_capture"], "seconds_scorer": rep["seconds_scorer"],
+                       "seconds_total": time.perf_counter() - t, "rounds": len(rep["rounds"]),
+                       "widths_after": rep["widths_after"],
+                       "finetune_loss": [h.get("loss") for h in rep.get("finetune_history", [])]}
+                if not all(math.isfinite(x) for x in (row["before_ft"]["metric"], row["after_ft"]["metric"])):
+                    raise RuntimeError(f"{m} seed {seed} target {target}: non-finite metric {row}")
+                out["runs"].append(row)
+                print(f"[{a.task} seed{seed}] EPR {rep['epr']:.3f} {m:12s} dense {rep['metric_before']:.3f} "
+                      f"before FT {row['before_ft']['metric']:.3f} after FT {row['after_ft']['metric']:.3f} "
+                      f"({len(rep['rounds'])} rounds, scoring {row['score_seconds']:.0f}s, "
+                      f"total {row['seconds_total']:.0f}s)", flush=True)
+                write_json(a.out, out)
+    write_json(a.out, out)
+    return out
+
+
+if __name__ == "__main__":
+    main()
