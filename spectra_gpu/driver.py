@@ -45,15 +45,14 @@ from .capture import capture_taylor as _capture_taylor_fn
 from .capture import default_forward as _default_forward
 from .finetune import FinetuneConfig, finetune
 from .report import score_summary, torch_save, write_json, write_report
-from .scorers import NEEDS_TAYLOR, SCORERS, ScoreContext, ScoreOutput, get_scorer, run_scorer
+from .scorers import (BUILTIN_BASELINES, NEEDS_TAYLOR, SPECTRAL_SCORERS, ScoreContext, ScoreOutput,
+                      get_scorer, run_scorer)
 from .selection import ALLOCATIONS, round_counts, select_units
 
 CHECKPOINT = "checkpoint.pt"
 KINDS = _units.KINDS  # neuron (MLP), channel (conv), ffn (transformer FFN neuron), head
 EPR_BASES = ("total", "prunable")
 HEAD_K = 3  # per-layer head graphs are tiny (12-32 nodes): k = min(3, H - 1), algorithm.md section 6
-SPECTRAL_SCORERS = ("spectral", "hybrid_rank")  # take sg.score's options
-BUILTIN_BASELINES = frozenset(SCORERS) - set(SPECTRAL_SCORERS)
 
 
 @dataclass(frozen=True)

@@ -210,6 +210,10 @@ SCORERS: dict[str, Scorer] = {
     "flap": _baseline(flap),
 }
 NEEDS_TAYLOR: set[str] = {"taylor"}  # scorers whose context must carry ctx.taylor
+SPECTRAL_SCORERS = ("spectral", "hybrid_rank")  # take sg.score's options and need exact statistics
+# the formula baselines shipped here, fixed at definition (not "everything registered so far"): they take no
+# options and need only per-unit moments
+BUILTIN_BASELINES = frozenset(SCORERS) - set(SPECTRAL_SCORERS)
 
 
 def get_scorer(name: str) -> Scorer:
@@ -242,5 +246,5 @@ def run_scorer(name: str, ctx: ScoreContext) -> ScoreOutput:
     return out
 
 
-__all__ = ["NEEDS_TAYLOR", "SCORERS", "ScoreContext", "ScoreOutput", "Scorer", "get_scorer", "input_knn",
-           "register_scorer", "run_scorer"]
+__all__ = ["BUILTIN_BASELINES", "NEEDS_TAYLOR", "SCORERS", "SPECTRAL_SCORERS", "ScoreContext", "ScoreOutput",
+           "Scorer", "get_scorer", "input_knn", "register_scorer", "run_scorer"]

@@ -427,3 +427,11 @@ def test_magnitude_baselines_capture_moments_only_unless_neighbours_are_needed()
     assert _stats_mode("wanda_sp", False) == "moments" and _stats_mode("random", False) == "moments"
     assert _stats_mode("wanda_sp", True) == "exact"  # one-per-neighbourhood needs the kNN graph
     assert _stats_mode("spectral", False) == "exact" and _stats_mode("hybrid_rank", False) == "exact"
+    # a user-registered scorer is never taken for a built-in baseline, whenever it was registered
+    from spectra_gpu.scorers import SCORERS, register_scorer
+
+    register_scorer("user_spectral_twin", SCORERS["spectral"])
+    try:
+        assert _stats_mode("user_spectral_twin", False) == "exact"
+    finally:
+        del SCORERS["user_spectral_twin"]
