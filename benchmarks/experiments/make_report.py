@@ -273,10 +273,39 @@ PLOT_METHODS_BY_SETUP = {"minilm_heads": [("spectral", "oneshot"), ("spectral", 
                                           ("random", "oneshot"), ("random", "iter1head")]}
 
 
+def driver_table(folder: str) -> str:
+    """One row per run from the report.json files ``spectra prune`` wrote (copied into evidence/<folder>/)."""
+    runs = [json.loads(p.read_text()) for p in sorted((EVIDENCE / folder).glob("*.json"))]
+    if not runs:
+        return f"*(not run yet: {folder})*\n"
+    runs.sort(key=lambda r: r["metric_after_prune"], reverse=bool(runs[0]["higher_is_better"]))
+    m = runs[0]["metric_name"]
+    out = (f"| scorer | options | {m} dense | {m} after pruning (no fine-tune) | EPR | rounds | scoring time (s) |\n"
+           "|---|---|---|---|---|---|---|\n")
+    for r in runs:
+        opts = ", ".join(f"{k}={v}" for k, v in r["config"]["scorer_options"].items()) or "defaults"
+        out += (f"| {r['scorer']} | {opts} | {r['metric_before']:.1f} | {r['metric_after_prune']:,.1f} | "
+                f"{r['epr']:.4f} | {len(r['rounds'])} | {r['seconds_scoring']:.0f} |\n")
+    return out
+
+
+def magnitude_table(data: dict[str, Any]) -> str:
+    out = ("| FFN layer | max / median ‖a_i‖₂ | spectral percentile of the 5 largest-‖a_i‖₂ units (0 = pruned first) |\n"
+           "|---|---|---|\n")
+    for lay in data["layers"]:
+        ps = ", ".join(f"{p:.2f}" for p in lay["spectral_percentile_of_top"])
+        out += f"| {lay['group']} | {lay['max_over_median_l2']:.1f} | {ps} |\n"
+    return out + (f"\nMean percentile of those units: {data['mean_percentile_of_top']:.2f} (uniform: 0.50); "
+                  f"below 0.05, i.e. removed in the first 5 % round: {data['fraction_of_top_below_0.05']:.0%} "
+                  f"(uniform: 5 %); below 0.25: {data['fraction_of_top_below_0.25']:.0%} (uniform: 25 %).\n")
+
+
 def render(template: str) -> str:
     def table(mt: re.Match) -> str:
         spec = mt.group(1).split(":")
         kind, name = spec[0], spec[1]
+        if kind == "driver":
+            return driver_table(name)
         data = _load(name) if kind != "headline" else {}
         if data is None:
             return f"*(not run yet: {name})*\n"
@@ -290,6 +319,8 @@ def render(template: str) -> str:
             return ablation_table(data)
         if kind == "finetune":
             return finetune_table(data)
+        if kind == "magnitude":
+            return magnitude_table(data)
         raise ValueError(f"unknown table kind {kind!r}")
 
     def plot(mt: re.Match) -> str:
