@@ -273,18 +273,22 @@ PLOT_METHODS_BY_SETUP = {"minilm_heads": [("spectral", "oneshot"), ("spectral", 
                                           ("random", "oneshot"), ("random", "iter1head")]}
 
 
-def driver_table(folder: str) -> str:
-    """One row per run from the report.json files ``spectra prune`` wrote (copied into evidence/<folder>/)."""
+def driver_table(folder: str, with_ft: bool = False) -> str:
+    """One row per run from the report.json files ``spectra prune`` wrote (copied into evidence/<folder>/);
+    with_ft adds the metric after the run's recovery fine-tune."""
     runs = [json.loads(p.read_text()) for p in sorted((EVIDENCE / folder).glob("*.json"))]
     if not runs:
         return f"*(not run yet: {folder})*\n"
-    runs.sort(key=lambda r: r["metric_after_prune"], reverse=bool(runs[0]["higher_is_better"]))
+    key = "metric_after_finetune" if with_ft else "metric_after_prune"
+    runs.sort(key=lambda r: r[key], reverse=bool(runs[0]["higher_is_better"]))
     m = runs[0]["metric_name"]
-    out = (f"| scorer | options | {m} dense | {m} after pruning (no fine-tune) | EPR | rounds | scoring time (s) |\n"
-           "|---|---|---|---|---|---|---|\n")
+    ft_head, ft_rule = (f" {m} after one recovery fine-tune |", "---|") if with_ft else ("", "")
+    out = (f"| scorer | options | {m} dense | {m} after pruning (no fine-tune) |{ft_head} EPR | rounds | "
+           f"scoring time (s) |\n|---|---|---|---|{ft_rule}---|---|---|\n")
     for r in runs:
         opts = ", ".join(f"{k}={v}" for k, v in r["config"]["scorer_options"].items()) or "defaults"
-        out += (f"| {r['scorer']} | {opts} | {r['metric_before']:.1f} | {r['metric_after_prune']:,.1f} | "
+        ft = f" {r['metric_after_finetune']:,.1f} |" if with_ft else ""
+        out += (f"| {r['scorer']} | {opts} | {r['metric_before']:.1f} | {r['metric_after_prune']:,.1f} |{ft} "
                 f"{r['epr']:.4f} | {len(r['rounds'])} | {r['seconds_scoring']:.0f} |\n")
     return out
 
@@ -305,7 +309,7 @@ def render(template: str) -> str:
         spec = mt.group(1).split(":")
         kind, name = spec[0], spec[1]
         if kind == "driver":
-            return driver_table(name)
+            return driver_table(name, with_ft=spec[2:] == ["ft"])
         data = _load(name) if kind != "headline" else {}
         if data is None:
             return f"*(not run yet: {name})*\n"
