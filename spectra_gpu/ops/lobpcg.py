@@ -88,8 +88,9 @@ def generalized_eigh_dense(a: torch.Tensor, b: torch.Tensor, k: int, *, largest:
 @contextmanager
 def _one_thread(t: torch.Tensor) -> Iterator[None]:
     """Small dense LAPACK calls (the Rayleigh-Ritz eigh of a few hundred columns) on one CPU thread: MKL's
-    threaded eigh is slower there even on an idle machine (120 x 120: 3.2 ms on 2 threads vs 1.4 ms on 1),
-    and 100-500x slower when another process holds a core (OpenMP threads spin at every barrier)."""
+    threaded eigh is slower there (120 x 120: 3.2 ms on 2 threads vs 1.4 ms on 1, with OMP_WAIT_POLICY=PASSIVE
+    while another job held a core) and 100-500x slower under that contention with the default active wait
+    (OpenMP threads spin at every barrier)."""
     n = torch.get_num_threads()
     if t.device.type != "cpu" or n == 1:
         yield
