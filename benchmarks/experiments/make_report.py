@@ -280,7 +280,8 @@ def driver_table(folder: str, with_ft: bool = False) -> str:
     if not runs:
         return f"*(not run yet: {folder})*\n"
     key = "metric_after_finetune" if with_ft else "metric_after_prune"
-    runs.sort(key=lambda r: r[key], reverse=bool(runs[0]["higher_is_better"]))
+    sign = -1.0 if runs[0]["higher_is_better"] else 1.0
+    runs.sort(key=lambda r: (round(r["epr"], 2), sign * r[key]))  # by target, then best first
     m = runs[0]["metric_name"]
     ft_head, ft_rule = (f" {m} after one recovery fine-tune |", "---|") if with_ft else ("", "")
     out = (f"| scorer | options | {m} dense | {m} after pruning (no fine-tune) |{ft_head} EPR | rounds | "
