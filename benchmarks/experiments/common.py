@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 import spectra_gpu as sg
-from spectra_gpu.scorers import NEEDS_TAYLOR, SCORERS, ScoreContext, ScoreOutput, Scorer, register_scorer, run_scorer
+from spectra_gpu.scorers import (NEEDS_TAYLOR, SCORERS, SPECTRAL_SCORERS, ScoreContext, ScoreOutput, Scorer,
+                                 register_scorer, run_scorer)
 from spectra_gpu.selection import percentile_ranks, select_units
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -194,10 +195,10 @@ class Ctx:
     post: torch.Tensor  # [n, M]
 
 
-def _hybrid(spectral_opts: dict[str, Any], rank: bool = False) -> Scorer:
-    """Spectral participation x Wanda-sp output magnitude ||W_out[:,i]||_1 ||a_i||_2 (or the product of the two
-    within-layer percentile ranks): structure says which units are interchangeable, magnitude how much each
-    one carries."""
+def _hybrid(spectral_opts: dict[str, Any]) -> Scorer:
+    """Spectral participation x Wanda-sp output magnitude ||W_out[:,i]||_1 ||a_i||_2: structure says which units
+    are interchangeable, magnitude how much each one carries (the rank version is the product's
+    ``hybrid_rank``)."""
 
     def run(ctx: ScoreContext) -> ScoreOutput:
         opts = dict(ctx.options)
@@ -208,12 +209,8 @@ def _hybrid(spectral_opts: dict[str, Any], rank: bool = False) -> Scorer:
             mag = SCORERS["wanda_sp"](ctx).scores
         finally:
             ctx.options = opts
-        if rank:
-            s = (percentile_ranks(spec.scores) + 1.0 / len(mag)) * (percentile_ranks(mag) + 1.0 / len(mag))
-            s[spec.scores == -math.inf] = -math.inf
-        else:
-            s = spec.scores * mag
-            s[spec.scores == -math.inf] = -math.inf  # dead units (magnitude 0 would give NaN)
+        s = spec.scores * mag
+        s[spec.scores == -math.inf] = -math.inf  # dead units (magnitude 0 would give NaN)
         return ScoreOutput(s, spec.neighbors, spec.extra)
 
     return run
@@ -433,16 +430,13 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- attention heads
 HEAD_K = 3  # per-layer head graphs have 12 nodes: k = min(3, H - 1) (algorithm.md section 6, the driver's HEAD_K)
-register_scorer("hybrid_rank_heads", _hybrid({**SPECTRAL_DEFAULT, "k": HEAD_K}, rank=True))
 
 
 def head_method(method: str) -> tuple[str, dict[str, Any]]:
-    """The registered scorer and options of ``method`` on head groups: spectral variants with k = 3 (as the
-    driver does for heads), hybrid_rank through its k = 3 twin, every other method unchanged."""
-    if method == "hybrid_rank":
-        return "hybrid_rank_heads", {}
+    """The registered scorer and options of ``method`` on head groups: spectral variants and hybrid_rank with
+    k = 3 (as the driver does for heads), every other method unchanged."""
     name, opts = METHODS[method]
-    if name == "spectral":
+    if name in SPECTRAL_SCORERS:
         opts = {**opts, "k": min(int(opts.get("k", HEAD_K)), HEAD_K)}
     elif name.startswith("hybrid") or name == "spectral_top_first":
         raise ValueError(f"method {method!r}: no head version (use spectral, hybrid_rank or a baseline)")

@@ -13,9 +13,8 @@ trimmed so the EPR lands on the target, then the task's single recovery fine-tun
 ``PruneConfig.seed`` (scorer seeds: random draws, solver starts; dropout of the fine-tune); the pretrained
 model and the task's data split are the same for every seed. Records the metric before pruning, after
 pruning (before FT) and after FT, the EPR achieved and the scoring seconds (capture + scorer). Methods are
-the product's scorers plus ``hybrid_rank`` (benchmarks/experiments/common.py, registered with the product's
-``register_scorer``; k = 3 on head groups as the driver uses for spectral). Loops seed > target > method,
-rewriting the JSON after every run, so an interrupted job leaves whole seeds.
+the product's scorers (the driver gives ``spectral`` and ``hybrid_rank`` k = 3 on head groups). Loops
+seed > target > method, rewriting the JSON after every run, so an interrupted job leaves whole seeds.
 """
 
 from __future__ import annotations
@@ -30,23 +29,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402  (registers hybrid_rank / hybrid_rank_heads with the product)
+import common  # noqa: E402
 from common import machine_info, write_json  # noqa: E402
-from spectra_gpu.scorers import SCORERS, ScoreContext, ScoreOutput, register_scorer  # noqa: E402
+from spectra_gpu.scorers import SCORERS  # noqa: E402
 
 DEFAULT_METHODS = ["spectral", "hybrid_rank", "wanda_sp", "taylor", "random"]
-HEAD_GROUP_MAX = 32  # groups this small are attention-head groups (FFN groups keep >= 5% of 1536 units)
-
-
-def _hybrid_rank_driver(ctx: ScoreContext) -> ScoreOutput:
-    """hybrid_rank for the driver: the driver passes registered scorers no unit kind, so head groups (<= 32
-    units; 12 per MiniLM layer) use the k = 3 twin, FFN groups the k = 10 default."""
-    name = "hybrid_rank_heads" if ctx.stats.n <= HEAD_GROUP_MAX else "hybrid_rank"
-    return SCORERS[name](ctx)
-
-
-register_scorer("hybrid_rank_driver", _hybrid_rank_driver)
-SCORER_OF = {"hybrid_rank": "hybrid_rank_driver"}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -68,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     common.setup_threads()
     if a.smoke:
         a.task, a.seeds, a.methods, a.targets = "digits-mlp", a.seeds[:1], ["spectral", "random"], [0.3]
-    known = set(SCORERS) | set(SCORER_OF)
+    known = set(SCORERS)
     bad = [m for m in a.methods if m not in known]
     if bad:
         ap.error(f"--methods: unknown {bad}; expected names from {sorted(known)}")
@@ -90,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for seed in a.seeds:
         for target in a.targets:
             for m in a.methods:
-                cfg = PruneConfig(target=target, scorer=SCORER_OF.get(m, m), kinds=kinds,
+                cfg = PruneConfig(target=target, scorer=m, kinds=kinds,
                                   round_fraction=a.round_fraction, epr_basis=task.epr_basis, seed=seed,
                                   track_metric=False, recalibrate_bn=task.recalibrate_bn, finetune=ft)
                 t = time.perf_counter()
