@@ -151,3 +151,31 @@ def test_finetune_driver_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     import make_report
 
     assert "spectral" in make_report.finetune_table(saved)
+
+
+def test_finetune_driver_resume_and_merge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `spectra prune` report.json made with the same schedule is merged as a run and not rerun; --resume
+    keeps the runs in --out; a report made with another schedule is refused."""
+    import exp_finetune_driver
+
+    from spectra_gpu import cli
+
+    monkeypatch.setenv("SPECTRA_GPU_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "cli_random"
+    assert cli.main(["prune", "--model", "digits-mlp", "--target", "0.3", "--scorer", "random",
+                     "--round-fraction", "0.1", "--out", str(run)]) == 0
+    rep = json.loads((run / "report.json").read_text())
+    out = tmp_path / "ft.json"
+    res = exp_finetune_driver.main(["--smoke", "--merge", str(run / "report.json"), "--out", str(out)])
+    rows = {r["method"]: r for r in res["runs"]}
+    assert set(rows) == {"spectral", "random"}
+    assert rows["random"]["seconds_total"] == rep["seconds_total"]  # taken from the report, not rerun
+    assert rows["random"]["after_ft"]["metric"] == rep["metric_after_finetune"]
+    again = exp_finetune_driver.main(["--smoke", "--resume", "--out", str(out)])
+    assert again["runs"] == json.loads(json.dumps(res["runs"]))  # nothing rerun, nothing lost
+    rep["config"]["round_fraction"] = 0.05
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(rep))
+    with pytest.raises(ValueError, match="round_fraction"):
+        exp_finetune_driver.main(["--smoke", "--merge-only", "--merge", str(other), "--out", str(tmp_path / "x.json")])
+    assert not (tmp_path / "x.json").exists()

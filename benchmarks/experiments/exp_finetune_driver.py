@@ -14,13 +14,21 @@ trimmed so the EPR lands on the target, then the task's single recovery fine-tun
 model and the task's data split are the same for every seed. Records the metric before pruning, after
 pruning (before FT) and after FT, the EPR achieved and the scoring seconds (capture + scorer). Methods are
 the product's scorers (the driver gives ``spectral`` and ``hybrid_rank`` k = 3 on head groups). Loops
-seed > target > method, rewriting the JSON after every run, so an interrupted job leaves whole seeds.
+seed > target > method, rewriting the JSON after every run; ``--resume`` keeps the runs already in ``--out``
+and skips them. ``--merge`` adds runs made elsewhere with the same schedule and recipe: other JSONs of this
+script (two jobs on two cores) or ``report.json`` files of ``spectra prune`` (same driver, same task):
+
+  python benchmarks/experiments/exp_finetune_driver.py --task smollm2-text --round-fraction 0.05 --targets 0.2 \
+      --seeds 1 --resume --merge runs/*/report.json --out benchmarks/results/evidence/finetune_smollm2.json
+
+``--merge-only`` writes the merged runs to ``--out`` and runs nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import sys
 import time
@@ -50,6 +58,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--round-fraction", type=float, default=0.10)
     ap.add_argument("--ft-steps", type=int, default=None, help="cap on fine-tune steps (default: the task's recipe)")
     ap.add_argument("--smoke", action="store_true", help="digits-mlp, one seed, spectral and random, one target")
+    ap.add_argument("--resume", action="store_true", help="keep the runs already in --out and skip them")
+    ap.add_argument("--merge", type=Path, nargs="+", default=[],
+                    help="JSONs of this script or report.json files of `spectra prune` whose runs to add (same "
+                         "task, schedule and fine-tune recipe, else an error); runs already present are skipped")
+    ap.add_argument("--merge-only", action="store_true", help="write --out with the merged runs, run nothing")
     ap.add_argument("--out", required=True, type=Path)
     a = ap.parse_args(argv)
     common.setup_threads()
@@ -73,10 +86,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "round_fraction": a.round_fraction, "finetune": ft.to_dict(), "task_info": task.info,
         "mode": f"driver, rounds of {int(a.round_fraction * 100)}% with rescoring ({'+'.join(kinds)})",
         "ft_epochs": ft.epochs, "seed_note": "1 pretrained model; mean ± std over driver seeds (scorer + fine-tune)",
-        "seconds_task_setup": t_task, "models": {}, "runs": []}
+        "higher_is_better": task.higher_is_better, "seconds_task_setup": t_task, "models": {}, "runs": []}
+    if a.resume and a.out.exists():
+        _add_runs(out, json.loads(a.out.read_text()), a.out)
+    for path in a.merge:
+        _add_runs(out, json.loads(path.read_text()), path)
+    if a.merge or a.merge_only:
+        write_json(a.out, out)
+    if a.merge_only:
+        return out
+    done = {_key(r) for r in out["runs"]}
     for seed in a.seeds:
         for target in a.targets:
             for m in a.methods:
+                if (m, seed, target) in done:
+                    continue
                 cfg = PruneConfig(target=target, scorer=m, kinds=kinds,
                                   round_fraction=a.round_fraction, epr_basis=task.epr_basis, seed=seed,
                                   track_metric=False, recalibrate_bn=task.recalibrate_bn, finetune=ft)
@@ -85,19 +109,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             metric_name=task.metric_name, train_batches=task.train_batches, forward=task.forward,
                             plots=False, save_model=False)
                 rep = res.report
-                if "0" not in out["models"]:
-                    out["models"]["0"] = {"dense": {"metric": rep["metric_before"]},
-                                          "params": rep["params_before"],
-                                          "params_prunable": rep["params_prunable_before"]}
-                row = {"method": m, "scorer": cfg.scorer, "model_seed": seed, "epr_target": target,
-                       "epr": rep["epr"], "epr_total": rep["epr_total"], "epr_prunable": rep["epr_prunable"],
-                       "before_ft": {"metric": rep["metric_after_prune"]},
-                       "after_ft": {"metric": rep["metric_after_finetune"]},
-                       "dense": rep["metric_before"], "score_seconds": rep["seconds_scoring"],
-                       "seconds_capture": rep["seconds_capture"], "seconds_scorer": rep["seconds_scorer"],
-                       "seconds_total": time.perf_counter() - t, "rounds": len(rep["rounds"]),
-                       "widths_after": rep["widths_after"],
-                       "finetune_loss": [h.get("loss") for h in rep.get("finetune_history", [])]}
+                _set_dense(out, rep)
+                row = _row(rep, m, seed, target, time.perf_counter() - t)
                 if not all(math.isfinite(x) for x in (row["before_ft"]["metric"], row["after_ft"]["metric"])):
                     raise RuntimeError(f"{m} seed {seed} target {target}: non-finite metric {row}")
                 out["runs"].append(row)
@@ -108,6 +121,57 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 write_json(a.out, out)
     write_json(a.out, out)
     return out
+
+
+def _key(row: dict[str, Any]) -> tuple[str, int, float]:
+    return row["method"], row["model_seed"], row["epr_target"]
+
+
+def _set_dense(out: dict[str, Any], rep: dict[str, Any]) -> None:
+    if "0" not in out["models"]:
+        out["models"]["0"] = {"dense": {"metric": rep["metric_before"]}, "params": rep["params_before"],
+                              "params_prunable": rep["params_prunable_before"]}
+
+
+def _row(rep: dict[str, Any], method: str, seed: int, target: float, seconds: float) -> dict[str, Any]:
+    """One run of the table from the driver's report."""
+    return {"method": method, "scorer": method, "model_seed": seed, "epr_target": target,
+            "epr": rep["epr"], "epr_total": rep["epr_total"], "epr_prunable": rep["epr_prunable"],
+            "before_ft": {"metric": rep["metric_after_prune"]}, "after_ft": {"metric": rep["metric_after_finetune"]},
+            "dense": rep["metric_before"], "score_seconds": rep["seconds_scoring"],
+            "seconds_capture": rep["seconds_capture"], "seconds_scorer": rep["seconds_scorer"],
+            "seconds_total": seconds, "rounds": len(rep["rounds"]), "widths_after": rep["widths_after"],
+            "finetune_loss": [h.get("loss") for h in rep.get("finetune_history", [])]}
+
+
+def _add_runs(out: dict[str, Any], other: dict[str, Any], path: Path) -> None:
+    """Add ``other``'s runs (a JSON of this script or a driver report.json) to ``out`` after checking that they
+    were made on the same task with the same schedule and fine-tune recipe; runs already in ``out`` are kept."""
+    if "config" in other and "metric_after_finetune" in other:  # a report.json of `spectra prune`
+        c = other["config"]
+        mine = {"task": out["setup"], "kinds": out["kinds"], "round_fraction": out["round_fraction"],
+                "epr_basis": out["epr_basis"], "finetune": out["finetune"]}
+        theirs = {"task": other["model"], "kinds": c["kinds"], "round_fraction": c["round_fraction"],
+                  "epr_basis": c["epr_basis"], "finetune": c["finetune"]}
+        extra = {k: c[k] for k in ("allocation", "one_per_neighbourhood", "scorer_options") if k in c}
+        if extra and extra != {"allocation": "uniform", "one_per_neighbourhood": False, "scorer_options": {}}:
+            raise ValueError(f"{path}: expected the default allocation/selection/scorer options, got {extra}")
+        runs = [_row(other, other["scorer"], c["seed"], c["target"], other["seconds_total"])]
+        _set_dense(out, other)
+    elif "runs" in other and "setup" in other:
+        mine = {k: out[k] for k in ("setup", "kinds", "round_fraction", "epr_basis", "finetune")}
+        theirs = {k: other.get(k) for k in mine}
+        runs = other["runs"]
+        for k, v in other.get("models", {}).items():
+            out["models"].setdefault(k, v)
+    else:
+        raise ValueError(f"{path}: expected a JSON of this script or a report.json of `spectra prune`, "
+                         f"got keys {sorted(other)[:8]}")
+    if mine != theirs:
+        diff = {k: (mine[k], theirs[k]) for k in mine if mine[k] != theirs[k]}
+        raise ValueError(f"{path}: made with a different setup (this run, that file): {diff}")
+    done = {_key(r) for r in out["runs"]}
+    out["runs"] += [r for r in runs if _key(r) not in done]
 
 
 if __name__ == "__main__":

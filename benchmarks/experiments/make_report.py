@@ -181,14 +181,17 @@ def finetune_table(data: dict[str, Any]) -> str:
         per[key]["t"].append(r["score_seconds"])
         eprs[r["epr_target"]].append(r["epr"])
     targets = sorted(eprs)
-    methods = sorted({m for m, _ in per}, key=lambda m: -np.mean([np.mean(per[(m, t)]["after"]) for t in targets
-                                                                  if (m, t) in per]))
+    hib = data.get("higher_is_better", True)
+    digits = 3 if hib else 0  # accuracy / perplexity
+    methods = sorted({m for m, _ in per}, key=lambda m: (-1 if hib else 1) * np.mean(
+        [np.mean(per[(m, t)]["after"]) for t in targets if (m, t) in per]))
     dense = np.array([m["dense"]["metric"] for m in data["models"].values()])
     seeds = sorted({r["model_seed"] for r in data["runs"]})
     who = (f"{data['seed_note']} ({len(seeds)} seed(s): {', '.join(map(str, seeds))})" if "seed_note" in data
            else f"{len(data['models'])} trained models (seeds)")
     lines = [f"Schedule for every method: {data['mode']}; recovery fine-tune {data['ft_epochs']} epochs; "
-             f"{who}; dense accuracy {_fmt(list(dense))}. EPR achieved: "
+             f"{who}; dense {'accuracy' if hib else 'perplexity'} {_fmt(list(dense), digits=max(digits, 1))}. "
+             "EPR achieved: "
              + ", ".join(f"{np.mean(eprs[t]):.3f}" for t in targets)
              + (f" ({data['epr_basis']} basis; of all parameters: "
                 + ", ".join(f"{np.mean([r['epr_total'] for r in data['runs'] if r['epr_target'] == t]):.3f}"
@@ -201,7 +204,7 @@ def finetune_table(data: dict[str, Any]) -> str:
         cells = []
         for t in targets:
             c = per.get((m, t))
-            cells.append(f"{_fmt(c['before'])} → **{_fmt(c['after'])}**" if c else "")
+            cells.append(f"{_fmt(c['before'], digits=digits)} → **{_fmt(c['after'], digits=digits)}**" if c else "")
         ts = [x for t in targets for x in per.get((m, t), {}).get("t", [])]
         n = "/".join(str(len(per[(m, t)]["after"])) if (m, t) in per else "0" for t in targets)
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {np.mean(ts):.2f} |" + (f" {n} |" if data.get("driver")
@@ -242,15 +245,20 @@ def plot_finetune(data: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     per: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    eprs: dict[float, list[float]] = defaultdict(list)
     for r in data["runs"]:
-        per[r["method"]][r["epr"]].append(r["after_ft"]["metric"])
+        per[r["method"]][r["epr_target"]].append(r["after_ft"]["metric"])
+        eprs[r["epr_target"]].append(r["epr"])
+    hib = data.get("higher_is_better", True)
     fig, ax = plt.subplots(figsize=(6, 4))
     for m, d in per.items():
-        xs = sorted(d)
-        ax.errorbar(xs, [np.mean(d[x]) for x in xs], yerr=[np.std(d[x]) for x in xs], label=m, capsize=2,
-                    ls="--" if m == "random" else "-")
+        ts = sorted(d)
+        ax.errorbar([np.mean(eprs[t]) for t in ts], [np.mean(d[t]) for t in ts], yerr=[np.std(d[t]) for t in ts],
+                    label=m, capsize=2, ls="--" if m == "random" else "-", marker="o", ms=3)
+    if not hib:
+        ax.set_yscale("log")
     ax.set_xlabel("effective parameter reduction")
-    ax.set_ylabel("accuracy after one recovery fine-tune")
+    ax.set_ylabel(f"{'accuracy' if hib else 'perplexity (log scale)'} after one recovery fine-tune")
     ax.set_title(data["setup"])
     ax.legend(fontsize=7)
     fig.tight_layout()
