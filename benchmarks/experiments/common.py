@@ -129,7 +129,6 @@ class Recorder:
             grad = a.grad
             if grad is None:
                 continue
-            u = self.groups[g]
             prod = (a * grad).detach().double()
             if prod.dim() == 4:  # per image: spatial sum, then abs
                 per = prod.sum(dim=(2, 3)).abs().sum(dim=0)

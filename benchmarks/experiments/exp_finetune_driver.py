@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             metric_name=task.metric_name, train_batches=task.train_batches, forward=task.forward,
                             plots=False, save_model=False)
                 rep = res.report
-                _set_dense(out, rep)
+                out["models"].setdefault("0", _dense(rep))
                 row = _row(rep, m, seed, target, time.perf_counter() - t)
                 if not all(math.isfinite(x) for x in (row["before_ft"]["metric"], row["after_ft"]["metric"])):
                     raise RuntimeError(f"{m} seed {seed} target {target}: non-finite metric {row}")
@@ -127,10 +127,9 @@ def _key(row: dict[str, Any]) -> tuple[str, int, float]:
     return row["method"], row["model_seed"], row["epr_target"]
 
 
-def _set_dense(out: dict[str, Any], rep: dict[str, Any]) -> None:
-    if "0" not in out["models"]:
-        out["models"]["0"] = {"dense": {"metric": rep["metric_before"]}, "params": rep["params_before"],
-                              "params_prunable": rep["params_prunable_before"]}
+def _dense(rep: dict[str, Any]) -> dict[str, Any]:
+    return {"dense": {"metric": rep["metric_before"]}, "params": rep["params_before"],
+            "params_prunable": rep["params_prunable_before"]}
 
 
 def _row(rep: dict[str, Any], method: str, seed: int, target: float, seconds: float) -> dict[str, Any]:
@@ -157,21 +156,25 @@ def _add_runs(out: dict[str, Any], other: dict[str, Any], path: Path) -> None:
         if extra and extra != {"allocation": "uniform", "one_per_neighbourhood": False, "scorer_options": {}}:
             raise ValueError(f"{path}: expected the default allocation/selection/scorer options, got {extra}")
         runs = [_row(other, other["scorer"], c["seed"], c["target"], other["seconds_total"])]
-        _set_dense(out, other)
+        models = {"0": _dense(other)}
     elif "runs" in other and "setup" in other:
         mine = {k: out[k] for k in ("setup", "kinds", "round_fraction", "epr_basis", "finetune")}
         theirs = {k: other.get(k) for k in mine}
-        runs = other["runs"]
-        for k, v in other.get("models", {}).items():
-            out["models"].setdefault(k, v)
+        runs, models = other["runs"], other.get("models", {})
     else:
         raise ValueError(f"{path}: expected a JSON of this script or a report.json of `spectra prune`, "
                          f"got keys {sorted(other)[:8]}")
     if mine != theirs:
         diff = {k: (mine[k], theirs[k]) for k in mine if mine[k] != theirs[k]}
         raise ValueError(f"{path}: made with a different setup (this run, that file): {diff}")
+    for k, v in models.items():
+        out["models"].setdefault(k, v)
     done = {_key(r) for r in out["runs"]}
-    out["runs"] += [r for r in runs if _key(r) not in done]
+    new = [r for r in runs if _key(r) not in done]
+    out["runs"] += new
+    src = {"path": str(path), "runs": [list(_key(r)) for r in new]}
+    src.update({k: other[k] for k in ("argv", "machine", "merged_from") if k in other})
+    out.setdefault("merged_from", []).append(src)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ EXTRA_MODES = ["iter2.5", "iter10", "iter2.5_nbh", "iter10_nbh"]  # round-size s
 ROUND_STUDY = ["spectral", "spectral_full", "hybrid", "wanda_sp"]
 
 
-def load(setup: str, seed: int, smoke: bool, n_eval: int | None = None) -> common.Setup:
+def load(setup: str, seed: int, smoke: bool, n_eval: int | None = None, eval_skip: int = 0) -> common.Setup:
     import models
 
     if setup in ("mlp", "cnn"):
@@ -46,7 +46,7 @@ def load(setup: str, seed: int, smoke: bool, n_eval: int | None = None) -> commo
     if setup == "minilm_heads":
         import llm
 
-        return llm.minilm_heads_setup(smoke=smoke, **({"n_eval": n_eval} if n_eval else {}))
+        return llm.minilm_heads_setup(smoke=smoke, eval_skip=eval_skip, **({"n_eval": n_eval} if n_eval else {}))
     if setup == "smollm2":
         import llm
 
@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--random-draws", type=int, default=3)
     ap.add_argument("--n-eval", type=int, default=None,
                     help="MiniLM: eval snippets (default 1000); SmolLM2: eval sequences of 256 tokens (default 40)")
+    ap.add_argument("--eval-skip", type=int, default=0,
+                    help="minilm_heads: evaluate on the --n-eval snippets before the last EVAL_SKIP (a disjoint "
+                         "replication set when EVAL_SKIP >= the first run's --n-eval)")
     ap.add_argument("--smoke", action="store_true", help="tiny budget: one seed, 3 methods, 1 epoch models")
     ap.add_argument("--out", required=True, type=Path)
     a = ap.parse_args(argv)
@@ -97,13 +100,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         a.scopes, a.random_draws, a.no_round_study = ["layer1"], 1, True
     if heads and (set(a.scopes) != {"all"} or set(a.modes) - {"oneshot", "iter1head"}):
         ap.error("--setup minilm_heads: expected --scopes all and --modes from oneshot, iter1head")
+    if a.eval_skip and a.setup != "minilm_heads":
+        ap.error(f"--eval-skip: only for --setup minilm_heads, got --setup {a.setup}")
     if not heads and "iter1head" in a.modes:
         ap.error("--modes iter1head: only for --setup minilm_heads")
     out: dict[str, Any] = {"experiment": "removal", "setup": a.setup, "argv": sys.argv[1:] if argv is None
                            else argv, "smoke": a.smoke, "machine": machine_info(), "fractions": a.fractions,
                            "models": {}, "runs": []}
     for seed in a.seeds:
-        st = load(a.setup, seed, a.smoke, a.n_eval)
+        st = load(a.setup, seed, a.smoke, a.n_eval, a.eval_skip)
         out["models"][str(seed)] = st.info
         groups_all = [] if heads else list(st.groups)
         for scope, method, mode, draw in plan(a.methods, a.modes, a.scopes, not a.no_round_study,

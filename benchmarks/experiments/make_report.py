@@ -49,8 +49,8 @@ def _fmt(vals: list[float], scale: float = 1.0, digits: int = 3) -> str:
     if len(v) == 0:
         return ""
     if len(v) == 1:
-        return f"{v[0]:.{digits}f}"
-    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
+        return f"{v[0]:,.{digits}f}"
+    return f"{v.mean():,.{digits}f} ± {v.std(ddof=1):,.{digits}f}"
 
 
 def removal_cells(runs: list[dict[str, Any]], scope: str) -> dict[tuple[str, str], dict[str, Any]]:
@@ -73,7 +73,7 @@ def removal_table(data: dict[str, Any], scope: str, modes: list[str], rows: list
     fr = data["fractions"]
     metric = "accuracy" if data["setup"] in ("mlp", "cnn", "minilm", "minilm_heads") else "-perplexity"
     rnd = cells.get(("random", "oneshot"))
-    head = (f"| method | selection | " + " | ".join(f"{int(f * 100)}% removed" for f in fr)
+    head = ("| method | selection | " + " | ".join(f"{int(f * 100)}% removed" for f in fr)
             + " | mean | vs random one-shot | seeds |\n|---|---|" + "---|" * (len(fr) + 3) + "\n")
     body = []
     for (m, mode), c in cells.items():
@@ -97,8 +97,9 @@ MLP_FILES = "removal_mlp.json+removal_mlp_top_first.json+removal_mlp_hybrid_tayl
 HEADLINE = [("MNIST MLP, layer 1", MLP_FILES, "layer1"), ("MNIST MLP, both layers", MLP_FILES, "all"),
             ("MNIST CNN, conv1", "removal_cnn.json", "layer1"), ("MNIST CNN, both convs", "removal_cnn.json", "all"),
             ("MiniLM FFN, layer 3", "removal_minilm_layer.json", "layer1"),
-            ("MiniLM FFN, all 6 layers", "removal_minilm.json", "all"),
-            ("MiniLM attention heads, all 6 layers", "removal_minilm_heads.json", "all"),
+            ("MiniLM FFN, all 6 layers", "removal_minilm.json+removal_minilm_knobs.json", "all"),
+            ("MiniLM attention heads, all 6 layers", "removal_minilm_heads.json+removal_minilm_heads_knobs.json",
+             "all"),
             ("SmolLM2 FFN, 4 layers", "removal_smollm2.json", "all")]
 
 
@@ -281,23 +282,19 @@ PLOT_METHODS_BY_SETUP = {"minilm_heads": [("spectral", "oneshot"), ("spectral", 
                                           ("random", "oneshot"), ("random", "iter1head")]}
 
 
-def driver_table(folder: str, with_ft: bool = False) -> str:
-    """One row per run from the report.json files ``spectra prune`` wrote (copied into evidence/<folder>/);
-    with_ft adds the metric after the run's recovery fine-tune."""
+def driver_table(folder: str) -> str:
+    """One row per run from the report.json files ``spectra prune`` wrote (copied into evidence/<folder>/)."""
     runs = [json.loads(p.read_text()) for p in sorted((EVIDENCE / folder).glob("*.json"))]
     if not runs:
         return f"*(not run yet: {folder})*\n"
-    key = "metric_after_finetune" if with_ft else "metric_after_prune"
     sign = -1.0 if runs[0]["higher_is_better"] else 1.0
-    runs.sort(key=lambda r: (round(r["epr"], 2), sign * r[key]))  # by target, then best first
+    runs.sort(key=lambda r: (round(r["epr"], 2), sign * r["metric_after_prune"]))  # by target, then best first
     m = runs[0]["metric_name"]
-    ft_head, ft_rule = (f" {m} after one recovery fine-tune |", "---|") if with_ft else ("", "")
-    out = (f"| scorer | options | {m} dense | {m} after pruning (no fine-tune) |{ft_head} EPR | rounds | "
-           f"scoring time (s) |\n|---|---|---|---|{ft_rule}---|---|---|\n")
+    out = (f"| scorer | options | {m} dense | {m} after pruning (no fine-tune) | EPR | rounds | "
+           f"scoring time (s) |\n|---|---|---|---|---|---|---|\n")
     for r in runs:
         opts = ", ".join(f"{k}={v}" for k, v in r["config"]["scorer_options"].items()) or "defaults"
-        ft = f" {r['metric_after_finetune']:,.1f} |" if with_ft else ""
-        out += (f"| {r['scorer']} | {opts} | {r['metric_before']:.1f} | {r['metric_after_prune']:,.1f} |{ft} "
+        out += (f"| {r['scorer']} | {opts} | {r['metric_before']:.1f} | {r['metric_after_prune']:,.1f} | "
                 f"{r['epr']:.4f} | {len(r['rounds'])} | {r['seconds_scoring']:.0f} |\n")
     return out
 
@@ -318,7 +315,7 @@ def render(template: str) -> str:
         spec = mt.group(1).split(":")
         kind, name = spec[0], spec[1]
         if kind == "driver":
-            return driver_table(name, with_ft=spec[2:] == ["ft"])
+            return driver_table(name)
         data = _load(name) if kind != "headline" else {}
         if data is None:
             return f"*(not run yet: {name})*\n"

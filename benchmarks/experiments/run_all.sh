@@ -35,12 +35,21 @@ run() {
     removal_minilm) step removal_minilm $E/exp_removal.py --setup minilm --n-eval 500 --scopes all \
                       --fractions 0.25 0.5 --modes oneshot iter10_nbh --no-round-study \
                       --methods spectral spectral_full hybrid_rank wanda_sp flap act_var taylor random ;;
+    removal_minilm_knobs) step removal_minilm_knobs $E/exp_removal.py --setup minilm --n-eval 500 --scopes all \
+                            --fractions 0.25 0.5 --modes oneshot --no-round-study --methods spectral_s2 spectral_s8 ;;
     removal_minilm_layer) step removal_minilm_layer $E/exp_removal.py --setup minilm --n-eval 500 --scopes layer1 \
                             --fractions 0.25 0.5 --modes oneshot --no-round-study \
                             --methods spectral spectral_full hybrid_rank wanda_sp flap act_var taylor random ;;
     removal_minilm_heads) step removal_minilm_heads $E/exp_removal.py --setup minilm_heads --n-eval 500 --scopes all \
                             --fractions 0.25 0.5 --modes oneshot iter1head --no-round-study \
                             --methods spectral hybrid_rank wanda_sp flap act_var taylor random ;;
+    removal_minilm_heads_knobs) step removal_minilm_heads_knobs $E/exp_removal.py --setup minilm_heads --n-eval 500 \
+                                  --scopes all --fractions 0.25 0.5 --modes oneshot iter1head --no-round-study \
+                                  --methods spectral_s2 spectral_s8 spectral_rev spectral_sym spectral_raw ;;
+    removal_minilm_heads_replication) step removal_minilm_heads_replication $E/exp_removal.py --setup minilm_heads \
+                                        --n-eval 4000 --eval-skip 500 --scopes all --fractions 0.25 0.5 \
+                                        --modes oneshot iter1head --no-round-study --methods spectral_s2 spectral \
+                                        spectral_raw hybrid_rank wanda_sp flap act_var taylor random ;;
     finetune_minilm) step finetune_minilm $E/exp_finetune_driver.py --task minilm-rt --targets 0.2 0.4 \
                        --seeds 0 1 2 --round-fraction 0.1 --methods spectral hybrid_rank wanda_sp taylor random ;;
     ablation_minilm) step ablation_minilm $E/exp_ablation.py --setup minilm --units 192 \
@@ -55,7 +64,9 @@ main() {
   local steps=("$@")
   [ ${#steps[@]} -eq 0 ] && steps=(removal_mlp removal_mlp_top_first removal_mlp_hybrid_taylor ablation_mlp
                                    ablation_mlp_layer2 finetune_mlp removal_cnn removal_minilm finetune_cnn
-                                   removal_smollm2 removal_minilm_layer removal_minilm_heads finetune_minilm ablation_minilm)
+                                   removal_smollm2 removal_minilm_knobs removal_minilm_layer removal_minilm_heads removal_minilm_heads_knobs
+                                   removal_minilm_heads_replication
+                                   finetune_minilm ablation_minilm)
   for s in "${steps[@]}"; do run "$s"; done
   "$PY" $E/make_report.py
 }
