@@ -173,6 +173,10 @@ def test_finetune_driver_resume_and_merge(tmp_path: Path, monkeypatch: pytest.Mo
     assert rows["random"]["after_ft"]["metric"] == rep["metric_after_finetune"]
     again = exp_finetune_driver.main(["--smoke", "--resume", "--out", str(out)])
     assert again["runs"] == json.loads(json.dumps(res["runs"]))  # nothing rerun, nothing lost
+    opts = tmp_path / "opts.json"  # a run with scorer options is its own method
+    opts.write_text(json.dumps({**rep, "config": {**rep["config"], "scorer_options": {"num_eigs": 2}}}))
+    merged = exp_finetune_driver.main(["--smoke", "--merge-only", "--resume", "--merge", str(opts), "--out", str(out)])
+    assert sorted(r["method"] for r in merged["runs"]) == ["random", "random[num_eigs=2]", "spectral"]
     rep["config"]["round_fraction"] = 0.05
     other = tmp_path / "other.json"
     other.write_text(json.dumps(rep))

@@ -16,7 +16,8 @@ pruning (before FT) and after FT, the EPR achieved and the scoring seconds (capt
 the product's scorers (the driver gives ``spectral`` and ``hybrid_rank`` k = 3 on head groups). Loops
 seed > target > method, rewriting the JSON after every run; ``--resume`` keeps the runs already in ``--out``
 and skips them. ``--merge`` adds runs made elsewhere with the same schedule and recipe: other JSONs of this
-script (two jobs on two cores) or ``report.json`` files of ``spectra prune`` (same driver, same task):
+script (two jobs on two cores) or ``report.json`` files of ``spectra prune`` (same driver, same task; a
+run with scorer options becomes the method ``scorer[key=value,...]``):
 
   python benchmarks/experiments/exp_finetune_driver.py --task smollm2-text --round-fraction 0.05 --targets 0.2 \
       --seeds 1 --resume --merge runs/*/report.json --out benchmarks/results/evidence/finetune_smollm2.json
@@ -134,7 +135,7 @@ def _dense(rep: dict[str, Any]) -> dict[str, Any]:
 
 def _row(rep: dict[str, Any], method: str, seed: int, target: float, seconds: float) -> dict[str, Any]:
     """One run of the table from the driver's report."""
-    return {"method": method, "scorer": method, "model_seed": seed, "epr_target": target,
+    return {"method": method, "scorer": rep["scorer"], "model_seed": seed, "epr_target": target,
             "epr": rep["epr"], "epr_total": rep["epr_total"], "epr_prunable": rep["epr_prunable"],
             "before_ft": {"metric": rep["metric_after_prune"]}, "after_ft": {"metric": rep["metric_after_finetune"]},
             "dense": rep["metric_before"], "score_seconds": rep["seconds_scoring"],
@@ -152,10 +153,12 @@ def _add_runs(out: dict[str, Any], other: dict[str, Any], path: Path) -> None:
                 "epr_basis": out["epr_basis"], "finetune": out["finetune"]}
         theirs = {"task": other["model"], "kinds": c["kinds"], "round_fraction": c["round_fraction"],
                   "epr_basis": c["epr_basis"], "finetune": c["finetune"]}
-        extra = {k: c[k] for k in ("allocation", "one_per_neighbourhood", "scorer_options") if k in c}
-        if extra and extra != {"allocation": "uniform", "one_per_neighbourhood": False, "scorer_options": {}}:
-            raise ValueError(f"{path}: expected the default allocation/selection/scorer options, got {extra}")
-        runs = [_row(other, other["scorer"], c["seed"], c["target"], other["seconds_total"])]
+        extra = {k: c[k] for k in ("allocation", "one_per_neighbourhood") if k in c}
+        if extra and extra != {"allocation": "uniform", "one_per_neighbourhood": False}:
+            raise ValueError(f"{path}: expected the default allocation and selection, got {extra}")
+        opts = c.get("scorer_options") or {}  # e.g. spectral with num_eigs=2 -> method "spectral[num_eigs=2]"
+        method = other["scorer"] + ("[" + ",".join(f"{k}={v}" for k, v in sorted(opts.items())) + "]" if opts else "")
+        runs = [_row(other, method, c["seed"], c["target"], other["seconds_total"])]
         models = {"0": _dense(other)}
     elif "runs" in other and "setup" in other:
         mine = {k: out[k] for k in ("setup", "kinds", "round_fraction", "epr_basis", "finetune")}
