@@ -177,6 +177,11 @@ def test_finetune_driver_resume_and_merge(tmp_path: Path, monkeypatch: pytest.Mo
     opts.write_text(json.dumps({**rep, "config": {**rep["config"], "scorer_options": {"num_eigs": 2}}}))
     merged = exp_finetune_driver.main(["--smoke", "--merge-only", "--resume", "--merge", str(opts), "--out", str(out)])
     assert sorted(r["method"] for r in merged["runs"]) == ["random", "random[num_eigs=2]", "spectral"]
+    seed1 = tmp_path / "seed1.json"  # `spectra prune --seed 1` loads the task at seed 1: never mixed with ours
+    seed1.write_text(json.dumps({**rep, "config": {**rep["config"], "seed": 1}}))
+    exp_finetune_driver.main(["--smoke", "--merge-only", "--resume", "--merge", str(seed1), "--out", str(out)])
+    with pytest.raises(SystemExit):
+        exp_finetune_driver.main(["--smoke", "--seeds", "1", "--resume", "--out", str(out)])
     rep["config"]["round_fraction"] = 0.05
     other = tmp_path / "other.json"
     other.write_text(json.dumps(rep))

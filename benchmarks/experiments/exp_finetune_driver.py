@@ -97,6 +97,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if a.merge_only:
         return out
     done = {_key(r) for r in out["runs"]}
+    other_split = sorted({r["model_seed"] for r in out["runs"] if r.get("task_seed", 0) != 0} & set(a.seeds))
+    if other_split:
+        ap.error(f"--seeds {other_split}: --out holds runs of these seeds made on the task loaded at that seed "
+                 "(spectra prune --seed); this script loads it at seed 0, so its runs would not be comparable")
     for seed in a.seeds:
         for target in a.targets:
             for m in a.methods:
@@ -135,7 +139,7 @@ def _dense(rep: dict[str, Any]) -> dict[str, Any]:
 
 def _row(rep: dict[str, Any], method: str, seed: int, target: float, seconds: float) -> dict[str, Any]:
     """One run of the table from the driver's report."""
-    return {"method": method, "scorer": rep["scorer"], "model_seed": seed, "epr_target": target,
+    return {"method": method, "scorer": rep["scorer"], "model_seed": seed, "task_seed": 0, "epr_target": target,
             "epr": rep["epr"], "epr_total": rep["epr_total"], "epr_prunable": rep["epr_prunable"],
             "before_ft": {"metric": rep["metric_after_prune"]}, "after_ft": {"metric": rep["metric_after_finetune"]},
             "dense": rep["metric_before"], "score_seconds": rep["seconds_scoring"],
@@ -158,7 +162,8 @@ def _add_runs(out: dict[str, Any], other: dict[str, Any], path: Path) -> None:
             raise ValueError(f"{path}: expected the default allocation and selection, got {extra}")
         opts = c.get("scorer_options") or {}  # e.g. spectral with num_eigs=2 -> method "spectral[num_eigs=2]"
         method = other["scorer"] + ("[" + ",".join(f"{k}={v}" for k, v in sorted(opts.items())) + "]" if opts else "")
-        runs = [_row(other, method, c["seed"], c["target"], other["seconds_total"])]
+        # `spectra prune --seed S` loads the task at seed S too (its data split, batch order), this script at 0
+        runs = [{**_row(other, method, c["seed"], c["target"], other["seconds_total"]), "task_seed": c["seed"]}]
         models = {"0": _dense(other)}
     elif "runs" in other and "setup" in other:
         mine = {k: out[k] for k in ("setup", "kinds", "round_fraction", "epr_basis", "finetune")}
@@ -172,6 +177,12 @@ def _add_runs(out: dict[str, Any], other: dict[str, Any], path: Path) -> None:
         raise ValueError(f"{path}: made with a different setup (this run, that file): {diff}")
     for k, v in models.items():
         out["models"].setdefault(k, v)
+    task_seed = {r["model_seed"]: r.get("task_seed", 0) for r in out["runs"]}
+    clash = [r for r in runs if task_seed.get(r["model_seed"], r.get("task_seed", 0)) != r.get("task_seed", 0)]
+    if clash:
+        raise ValueError(f"{path}: runs of seed {clash[0]['model_seed']} were made on the task loaded at seed "
+                         f"{clash[0].get('task_seed', 0)}, the others of that seed at "
+                         f"{task_seed[clash[0]['model_seed']]}: a different data split, not comparable")
     done = {_key(r) for r in out["runs"]}
     new = [r for r in runs if _key(r) not in done]
     out["runs"] += new
