@@ -104,13 +104,9 @@ def test_head_removal_smoke() -> None:
     head = torch.nn.Linear(32, 2)
     seen: list[int] = []
 
-    from spectra_gpu.units import discover_groups
+    import llm
 
-    def groups(m):
-        return sorted(discover_groups(m, "head"), key=lambda g: g.name)
-
-    def forward(m, b):
-        return m(**{k: v for k, v in b.items() if k != "labels"})
+    groups, forward = llm.HeadSetup.groups, llm.HeadSetup.forward
 
     def loss_fn(m, b):
         return torch.nn.functional.cross_entropy(head(forward(m, b).last_hidden_state.mean(1)), b["labels"])

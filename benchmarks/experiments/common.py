@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 import spectra_gpu as sg
+from spectra_gpu.driver import HEAD_K  # per-layer head graphs: k = min(3, H - 1), as the driver does
 from spectra_gpu.scorers import (NEEDS_TAYLOR, SCORERS, SPECTRAL_SCORERS, ScoreContext, ScoreOutput, Scorer,
                                  register_scorer, run_scorer)
 from spectra_gpu.selection import percentile_ranks, select_units
@@ -428,7 +429,6 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- attention heads
-HEAD_K = 3  # per-layer head graphs have 12 nodes: k = min(3, H - 1) (algorithm.md section 6, the driver's HEAD_K)
 
 
 def head_method(method: str) -> tuple[str, dict[str, Any]]:

@@ -49,7 +49,7 @@ class _MiniLM:
 
         if smoke:
             n_train, n_calib, n_eval = 200, 48, 96
-        self.n_train, self.n_calib, self.n_eval, self.eval_skip = n_train, n_calib, n_eval, eval_skip
+        self.n_train, self.n_calib, self.n_eval = n_train, n_calib, n_eval
         path = g.get_model_path()
         self.tok = AutoTokenizer.from_pretrained(path)
         self.enc = AutoModel.from_pretrained(path).eval()

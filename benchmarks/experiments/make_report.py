@@ -182,7 +182,7 @@ def finetune_table(data: dict[str, Any]) -> str:
         per[key]["t"].append(r["score_seconds"])
         eprs[r["epr_target"]].append(r["epr"])
     targets = sorted(eprs)
-    hib = data.get("higher_is_better", True)
+    hib, drv = data.get("higher_is_better", True), bool(data.get("driver"))
     digits = 3 if hib else 0  # accuracy / perplexity
     methods = sorted({m for m, _ in per}, key=lambda m: (-1 if hib else 1) * np.mean(
         [np.mean(per[(m, t)]["after"]) for t in targets if (m, t) in per]))
@@ -196,11 +196,11 @@ def finetune_table(data: dict[str, Any]) -> str:
              + ", ".join(f"{np.mean(eprs[t]):.3f}" for t in targets)
              + (f" ({data['epr_basis']} basis; of all parameters: "
                 + ", ".join(f"{np.mean([r['epr_total'] for r in data['runs'] if r['epr_target'] == t]):.3f}"
-                            for t in targets) + ")" if data.get("driver") else "") + ".", "",
+                            for t in targets) + ")" if drv else "") + ".", "",
              "| method | " + " | ".join(f"EPR {int(t * 100)}%: before FT → after FT" for t in targets)
-             + (" | scoring time per run (s; capture + scorer, all rounds) | runs per cell |" if data.get("driver")
+             + (" | scoring time per run (s; capture + scorer, all rounds) | runs per cell |" if drv
                 else " | scoring time per model (s) |"),
-             "|---|" + "---|" * (len(targets) + 1 + bool(data.get("driver")))]
+             "|---|" + "---|" * (len(targets) + 1 + drv)]
     for m in methods:
         cells = []
         for t in targets:
@@ -208,8 +208,7 @@ def finetune_table(data: dict[str, Any]) -> str:
             cells.append(f"{_fmt(c['before'], digits=digits)} → **{_fmt(c['after'], digits=digits)}**" if c else "")
         ts = [x for t in targets for x in per.get((m, t), {}).get("t", [])]
         n = "/".join(str(len(per[(m, t)]["after"])) if (m, t) in per else "0" for t in targets)
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {np.mean(ts):.2f} |" + (f" {n} |" if data.get("driver")
-                                                                                   else ""))
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {np.mean(ts):.2f} |" + (f" {n} |" if drv else ""))
     return "\n".join(lines) + "\n"
 
 

@@ -64,9 +64,9 @@ main() {
   local steps=("$@")
   [ ${#steps[@]} -eq 0 ] && steps=(removal_mlp removal_mlp_top_first removal_mlp_hybrid_taylor ablation_mlp
                                    ablation_mlp_layer2 finetune_mlp removal_cnn removal_minilm finetune_cnn
-                                   removal_smollm2 removal_minilm_knobs removal_minilm_layer removal_minilm_heads removal_minilm_heads_knobs
-                                   removal_minilm_heads_replication
-                                   finetune_minilm ablation_minilm)
+                                   removal_smollm2 removal_minilm_knobs removal_minilm_layer removal_minilm_heads
+                                   removal_minilm_heads_knobs removal_minilm_heads_replication finetune_minilm
+                                   ablation_minilm)
   for s in "${steps[@]}"; do run "$s"; done
   "$PY" $E/make_report.py
 }
