@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 
-from spectra_gpu import zoo
+from spectra_gpu.builtin import zoo
 from spectra_gpu.integrations.nn_prune import prune_channels, spectral_channel_scores
 
 

@@ -25,7 +25,7 @@ import torch_pruning as tp
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 
-from spectra_gpu import zoo
+from spectra_gpu.builtin import zoo
 from spectra_gpu.integrations.torch_pruning import SpectralImportance
 
 

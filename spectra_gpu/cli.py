@@ -75,7 +75,7 @@ def _run_prune(args: argparse.Namespace, *, quiet: bool = False) -> dict[str, An
     from .driver import PruneConfig, prune
     from .finetune import FinetuneConfig
     from .scorers import get_scorer
-    from .tasks import load_task
+    from .builtin.tasks import load_task
 
     get_scorer(args.scorer)
     if args.resume and args.out is None:
@@ -164,7 +164,7 @@ def _prune(args: argparse.Namespace) -> int:
 def _score(args: argparse.Namespace) -> int:
     from .driver import score_model, write_scores
     from .scorers import get_scorer
-    from .tasks import load_task
+    from .builtin.tasks import load_task
 
     get_scorer(args.scorer)
     _check_out(args.out)

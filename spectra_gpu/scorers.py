@@ -186,7 +186,7 @@ def spectral(ctx: ScoreContext) -> ScoreOutput:
 def hybrid_rank(ctx: ScoreContext) -> ScoreOutput:
     """Spectral x magnitude: (rank of the spectral score + 1/N) x (rank of Wanda-sp + 1/N), within-group
     percentile ranks in [0, 1). The graph says which units are interchangeable, the magnitude how much each
-    carries. The most robust spectral variant of the evidence runs (benchmarks/results/README.md); dead
+    carries. The most robust spectral variant of the evidence runs (research/README.md); dead
     units stay -inf. Options go to the spectral factor."""
     spec = spectral(ctx)
     mag = wanda_sp(ctx)

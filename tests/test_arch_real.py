@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from spectra_gpu import capture, count_params, discover_groups, load_pruned, masked, remove_units, save_pruned, score
-from spectra_gpu import zoo
+from spectra_gpu.builtin import zoo
 from spectra_gpu.io import load_tokenizer
 
 

@@ -68,7 +68,7 @@ class TinyCNN(nn.Module):
 def _bert():
     from transformers import BertConfig, BertModel
 
-    from spectra_gpu.tasks import EncoderClassifier
+    from spectra_gpu.builtin.tasks import EncoderClassifier
 
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

@@ -1,4 +1,4 @@
-"""Smoke runs of the evidence experiments (benchmarks/experiments): one setup, one seed, tiny budget, so the
+"""Smoke runs of the evidence experiments (research/experiments): one setup, one seed, tiny budget, so the
 experiment code cannot rot. Checks the JSON contract and invariants an experiment must keep, not numbers."""
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spectra_gpu import tasks
-from spectra_gpu.tasks import MLP, load_task
+from spectra_gpu.builtin import tasks
+from spectra_gpu.builtin.tasks import MLP, load_task
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -41,7 +41,7 @@ def test_digits_batches_are_seeded_and_cover_the_training_split(digits):
     assert all(torch.equal(a[0], b[0]) for a, b in zip(e0, e0b, strict=True))
     assert not torch.equal(e0[0][0], e1[0][0])
     n = sum(len(y) for _, y in e0)
-    from spectra_gpu import zoo
+    from spectra_gpu.builtin import zoo
 
     split = zoo.digits()
     assert n == len(split.y_train)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from spectra_gpu import zoo
+from spectra_gpu.builtin import zoo
 
 
 def test_split_indices_seeded_stratified_disjoint():

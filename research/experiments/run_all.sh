@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The evidence suite of issue 3, one job after the other, 1 thread each (2-core CPU shared with others).
-# Usage: bash benchmarks/experiments/run_all.sh [step ...]   (default: every step, in this order)
-# Each step writes benchmarks/results/evidence/<name>.json and logs/<name>.log; then make_report.py builds
-# benchmarks/results/README.md from the JSONs.
+# Usage: bash research/experiments/run_all.sh [step ...]   (default: every step, in this order)
+# Each step writes research/results/<name>.json and logs/<name>.log; then make_report.py builds
+# research/README.md from the JSONs.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 PY=.venv/bin/python
-E=benchmarks/experiments
-O=benchmarks/results/evidence
+E=research/experiments
+O=research/results
 mkdir -p "$O/logs"
 CORE="spectral spectral_top_first spectral_s128 spectral_full spectral_rev spectral_sym hybrid hybrid_full hybrid_rank wanda_sp flap act_var weight_l1 taylor random"
 

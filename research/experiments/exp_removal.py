@@ -1,7 +1,7 @@
 """Issue 3, items 1-2: cumulative removal without fine-tune, every method x selection mode x scope.
 
-  python benchmarks/experiments/exp_removal.py --setup mlp --seeds 0 1 2 --out benchmarks/results/evidence/removal_mlp.json
-  python benchmarks/experiments/exp_removal.py --setup mlp --smoke --out /tmp/removal_smoke.json
+  python research/experiments/exp_removal.py --setup mlp --seeds 0 1 2 --out research/results/removal_mlp.json
+  python research/experiments/exp_removal.py --setup mlp --smoke --out /tmp/removal_smoke.json
 
 Scopes: 'layer1' (first prunable group only) and 'all' (the same fraction of every group). Modes:
 'oneshot' (score once, remove bottom-f), 'iterR' (rounds of R% of the width, rescoring the survivors on the

@@ -81,13 +81,13 @@ def _folder(pkg: str) -> Path:
     """The installed folder of ``pkg`` without importing it (some packages' __init__ pulls heavy deps)."""
     spec = importlib.util.find_spec(pkg)
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"spectra_gpu.zoo needs the package {pkg!r}, which is not installed: {_INSTALL[pkg]}")
+        raise ImportError(f"spectra_gpu.builtin.zoo needs the package {pkg!r}, which is not installed: {_INSTALL[pkg]}")
     return Path(list(spec.submodule_search_locations)[0])
 
 
 def _require(pkg: str) -> None:
     if importlib.util.find_spec(pkg) is None:
-        raise ImportError(f"spectra_gpu.zoo needs the package {pkg!r}, which is not installed: {_INSTALL[pkg]}")
+        raise ImportError(f"spectra_gpu.builtin.zoo needs the package {pkg!r}, which is not installed: {_INSTALL[pkg]}")
 
 
 def split_indices(y: np.ndarray | torch.Tensor, test_frac: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -31,7 +31,7 @@ from spectra_gpu.scorers import (NEEDS_TAYLOR, SCORERS, SPECTRAL_SCORERS, ScoreC
 from spectra_gpu.selection import percentile_ranks, select_units
 
 ROOT = Path(__file__).resolve().parents[2]
-EVIDENCE = ROOT / "benchmarks" / "results" / "evidence"
+EVIDENCE = ROOT / "research" / "results"
 CACHE = EVIDENCE / "cache"
 
 

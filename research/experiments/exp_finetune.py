@@ -1,7 +1,7 @@
 """Issue 3, item 4: accuracy vs effective parameter reduction (EPR) with one recovery fine-tune.
 
-  python benchmarks/experiments/exp_finetune.py --setup mlp --seeds 0 1 2 --out benchmarks/results/evidence/finetune_mlp.json
-  python benchmarks/experiments/exp_finetune.py --setup mlp --smoke --out /tmp/finetune_smoke.json
+  python research/experiments/exp_finetune.py --setup mlp --seeds 0 1 2 --out research/results/finetune_mlp.json
+  python research/experiments/exp_finetune.py --setup mlp --smoke --out /tmp/finetune_smoke.json
 
 For each trained model (seed), EPR target and method: prune every group by the same uniform fraction, the
 smallest that reaches the EPR target on the sliced parameter count (EPR = 1 - P(widths) / P(dense), every

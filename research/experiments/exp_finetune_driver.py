@@ -1,11 +1,11 @@
 """Issue 3, item 4 on a transformer, through the product's driver: accuracy vs effective parameter reduction
 with one recovery fine-tune, every method on the same built-in task and recipe.
 
-  python benchmarks/experiments/exp_finetune_driver.py --task minilm-rt --targets 0.2 0.4 --seeds 0 1 2 \
-      --out benchmarks/results/evidence/finetune_minilm.json
-  python benchmarks/experiments/exp_finetune_driver.py --smoke --out /tmp/finetune_driver_smoke.json
+  python research/experiments/exp_finetune_driver.py --task minilm-rt --targets 0.2 0.4 --seeds 0 1 2 \
+      --out research/results/finetune_minilm.json
+  python research/experiments/exp_finetune_driver.py --smoke --out /tmp/finetune_driver_smoke.json
 
-Each run is ``spectra_gpu.driver.prune`` on a fresh copy of the task's dense model (``spectra_gpu.tasks``:
+Each run is ``spectra_gpu.driver.prune`` on a fresh copy of the task's dense model (``spectra_gpu.builtin.tasks``:
 data split, calibration batches, loss, metric and fine-tune recipe are the task's, identical for every
 method): rounds of ``--round-fraction`` of each group's width (heads: the driver's uniform schedule in whole
 heads), every round re-capturing the signals on the already sliced model and rescoring, the last round
@@ -19,8 +19,8 @@ and skips them. ``--merge`` adds runs made elsewhere with the same schedule and 
 script (two jobs on two cores) or ``report.json`` files of ``spectra prune`` (same driver, same task; a
 run with scorer options becomes the method ``scorer[key=value,...]``):
 
-  python benchmarks/experiments/exp_finetune_driver.py --task smollm2-text --round-fraction 0.05 --targets 0.2 \
-      --seeds 1 --resume --merge runs/*/report.json --out benchmarks/results/evidence/finetune_smollm2.json
+  python research/experiments/exp_finetune_driver.py --task smollm2-text --round-fraction 0.05 --targets 0.2 \
+      --seeds 1 --resume --merge runs/*/report.json --out research/results/finetune_smollm2.json
 
 ``--merge-only`` writes the merged runs to ``--out`` and runs nothing.
 """
@@ -48,10 +48,10 @@ DEFAULT_METHODS = ["spectral", "hybrid_rank", "wanda_sp", "taylor", "random"]
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from spectra_gpu.driver import PruneConfig, prune
     from spectra_gpu.finetune import FinetuneConfig
-    from spectra_gpu.tasks import load_task
+    from spectra_gpu.builtin.tasks import load_task
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--task", default="minilm-rt", help="built-in task of spectra_gpu.tasks (default minilm-rt)")
+    ap.add_argument("--task", default="minilm-rt", help="built-in task of spectra_gpu.builtin.tasks (default minilm-rt)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="PruneConfig seeds")
     ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
     ap.add_argument("--targets", type=float, nargs="+", default=[0.2, 0.4])

@@ -1,7 +1,7 @@
 """Issue 3, item 3: direct single-unit ablation analysis (algorithm.md section 8.1) on one group.
 
-  python benchmarks/experiments/exp_ablation.py --setup mlp --group layer1 --out benchmarks/results/evidence/ablation_mlp.json
-  python benchmarks/experiments/exp_ablation.py --setup mlp --smoke --out /tmp/ablation_smoke.json
+  python research/experiments/exp_ablation.py --setup mlp --group layer1 --out research/results/ablation_mlp.json
+  python research/experiments/exp_ablation.py --setup mlp --smoke --out /tmp/ablation_smoke.json
 
 Ground truth per unit i (zero-ablation on the unpruned model, eval set disjoint from calibration):
 dloss_i (signed loss change), |dloss_i|, and KL_i = mean KL(p_dense || p_ablated) of the model's output.

