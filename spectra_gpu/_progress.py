@@ -26,4 +26,4 @@ def progress(it: Iterable[T], desc: str, total: int | None = None, **kw: Any) ->
         return it
     from tqdm.auto import tqdm
 
-    return tqdm(it, desc=desc, total=total, leave=False, dynamic_ncols=True, **kw)  # type: ignore[no-any-return]
+    return tqdm(it, desc=desc, total=total, leave=False, dynamic_ncols=True, **kw)

@@ -1,14 +1,18 @@
-"""Parameter and FLOP accounting of the sliced model (algorithm.md section 7).
+"""Parameter and FLOP accounting of pruned models (docs/algorithm.md section 7), and the one definition of
+the effective parameter reduction (EPR).
 
-Counts always come from the tensors the model holds after surgery, never from per-unit cost sums (a unit's
-cost depends on its neighbours' current widths). Tied parameters (e.g. Llama's embedding / LM head) count
-once. EPR_prunable divides by the parameters of the prunable modules only (producers, norms, consumers,
-q/k/v/o of the groups; no embeddings, LM head or classifier).
+Counts are exact parameter counts of the sliced model, never sums of per-unit costs (a unit's cost depends on
+its neighbours' current widths: a weight between two layers that both shrink loses rows and columns).
+``count_params`` reads the tensors the model holds; ``params_after_removal`` gives the same number for a
+removal that has not happened yet, from module shapes alone (no copy, no slicing). Tied parameters (e.g.
+Llama's embedding / LM head) count once. The prunable basis divides by the parameters of the prunable modules
+only (producers, norms, consumers, q/k/v/o of the groups; no embeddings, LM head or classifier).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +41,90 @@ def prunable_params(model: nn.Module, groups: Sequence[UnitGroup] | None = None)
     return sum(seen.values())
 
 
+def _edits(group: UnitGroup, n: int) -> Iterator[tuple[nn.Module, int, int]]:
+    """(module, output rows removed, input columns removed) for removing ``n`` units of ``group`` at its
+    current widths: exactly the slices ``surgery.remove_units`` takes."""
+    if group.kind == "head":
+        assert group.q is not None and group.k is not None and group.v is not None
+        hd = group.head_dim
+        if group.unit == "head":  # MHA: the head's q, k, v rows and its out-projection columns
+            yield from ((m, n * hd, 0) for m in (group.q, group.k, group.v))
+            yield group.consumer, 0, n * hd
+        elif group.unit == "kv":  # a KV group: its k/v rows and all its query heads
+            q_rows = n * group.n_rep * hd
+            yield from ((group.k, n * hd, 0), (group.v, n * hd, 0), (group.q, q_rows, 0))
+            yield group.consumer, 0, q_rows
+        else:  # GQA query heads
+            yield from ((group.q, n * hd, 0), (group.consumer, 0, n * hd))
+        return
+    yield from ((p, n, 0) for p in group.producers)
+    if group.norm is not None:
+        yield group.norm, n, 0
+    yield group.consumer, 0, n * group.cols_per_unit
+
+
+def params_after_removal(model: nn.Module, groups: Sequence[UnitGroup], removed: Mapping[str, int]) -> int:
+    """``count_params(model)`` after removing ``removed[g.name]`` units of each group ``g`` (at the groups'
+    current widths), computed from module shapes without touching the model: per edited module, its weight
+    keeps (rows - removed rows) x (columns - removed columns) x kernel and its bias (rows - removed rows), with
+    the rows and columns summed over every group that edits the module (a layer that is one group's consumer
+    and the next group's producer loses both). Equals the count of the sliced model exactly."""
+    cut: dict[int, list[Any]] = {}  # id(module) -> [module, rows removed, columns removed]
+    for g in groups:
+        n = int(removed.get(g.name, 0))
+        if n < 0 or n > g.size:
+            raise ValueError(f"removed[{g.name!r}]: expected a count in [0, {g.size}], got {n}")
+        if n == 0:
+            continue
+        for m, rows, cols in _edits(g, n):
+            entry = cut.setdefault(id(m), [m, 0, 0])
+            entry[1] += rows
+            entry[2] += cols
+    saved = 0
+    seen: set[int] = set()
+    for m, rows, cols in cut.values():
+        for name in ("weight", "bias"):
+            p = m._parameters.get(name)
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            shape = list(p.shape)
+            shape[0] -= rows
+            if len(shape) > 1:
+                shape[1] -= cols
+            saved += p.numel() - math.prod(shape)
+    return count_params(model) - saved
+
+
+@dataclass(frozen=True)
+class EprBasis:
+    """The effective parameter reduction of a run: (P0 - P) / P0 on the 'total' basis, (P0 - P) / P0_prunable
+    on the 'prunable' basis, with P0 / P0_prunable the counts before pruning. Every other EPR in the package
+    (``epr``, the driver's rounds, the report) is computed here."""
+
+    params_before: int
+    prunable_before: int
+    basis: str = "total"
+
+    @property
+    def denominator(self) -> int:
+        return self.params_before if self.basis == "total" else self.prunable_before
+
+    def total(self, params: int) -> float:
+        return (self.params_before - params) / self.params_before
+
+    def prunable(self, params: int) -> float:
+        return (self.params_before - params) / self.prunable_before if self.prunable_before else 0.0
+
+    def __call__(self, params: int) -> float:
+        """EPR at ``params`` parameters on the configured basis."""
+        return self.total(params) if self.basis == "total" else self.prunable(params)
+
+    def budget(self, target: float) -> int:
+        """Largest parameter count whose EPR is >= ``target``."""
+        return self.params_before - math.ceil(target * self.denominator - 1e-9)
+
+
 @dataclass(frozen=True)
 class EprResult:
     """Effective parameter reduction: ``total`` = removed / all parameters before, ``prunable`` = removed /
@@ -60,11 +148,10 @@ def epr(params_before: int, model: nn.Module, groups: Sequence[UnitGroup] | None
     after = count_params(model)
     if after > params_before:
         raise ValueError(f"params_before: expected >= the current {after} parameters, got {params_before}")
-    removed = params_before - after
     p_after = prunable_params(model, groups)
-    p_before = p_after + removed
-    return EprResult(removed / params_before, removed / p_before if p_before else 0.0, params_before, after,
-                     p_before, p_after)
+    p_before = p_after + params_before - after
+    basis = EprBasis(params_before, p_before)
+    return EprResult(basis.total(after), basis.prunable(after), params_before, after, p_before, p_after)
 
 
 def samples_in(batch: Any) -> int:

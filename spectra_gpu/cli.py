@@ -1,4 +1,7 @@
-"""The ``spectra`` command line: demo, prune, score, report, env.
+"""The ``spectra`` command line (also ``python -m spectra_gpu``): demo, prune, score, report, env.
+
+Each subcommand is one ``_<name>(args) -> exit code`` function and one ``_add_<name>(subparsers)`` parser
+builder, listed once in ``COMMANDS``; adding a subcommand is adding one entry there.
 
 User errors (unknown model/data/scorer, a target outside (0, 1), an unwritable output directory, a missing
 optional package) print one line on stderr and exit with code 2; SPECTRA_GPU_DEBUG=1 shows the traceback.
@@ -72,10 +75,10 @@ def _check_out(out: str | None) -> None:
 
 
 def _run_prune(args: argparse.Namespace, *, quiet: bool = False) -> dict[str, Any]:
+    from .builtin.tasks import load_task
     from .driver import PruneConfig, prune
     from .finetune import FinetuneConfig
     from .scorers import get_scorer
-    from .builtin.tasks import load_task
 
     get_scorer(args.scorer)
     if args.resume and args.out is None:
@@ -96,7 +99,8 @@ def _run_prune(args: argparse.Namespace, *, quiet: bool = False) -> dict[str, An
                       finetune=ft)
     if not quiet:
         print(f"{task.model_name} on {task.data_name}: {task.info}", file=sys.stderr)
-    res = prune(task.model, task.calib, cfg, out_dir=args.out, resume=args.resume, loss_fn=task.loss_fn,
+    res = prune(task.model, task.calib, cfg, out_dir=args.out, resume=args.resume,
+                keep_checkpoints=args.keep_checkpoints, loss_fn=task.loss_fn,
                 evaluate=task.evaluate, metric_name=task.metric_name, train_batches=task.train_batches,
                 forward=task.forward, tokenizer=task.extra.get("tokenizer"),
                 meta={"model": task.model_name, "data": task.data_name, "data_info": task.info,
@@ -131,7 +135,7 @@ def _demo(args: argparse.Namespace) -> int:
         get_scorer(name)
     _check_out(args.out)
     base = Path(args.out) if args.out is not None else Path(tempfile.mkdtemp(prefix="spectra-demo-"))
-    args.data, args.resume, args.kinds = None, False, None
+    args.data, args.resume, args.keep_checkpoints, args.kinds = None, False, False, None
     args.optimizer = args.lr = args.epochs = args.steps = None
     args.allocation, args.epr_basis, args.one_per_neighbourhood, args.no_track_metric = "uniform", None, False, False
     args.recalibrate_bn = None
@@ -162,15 +166,14 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from .driver import score_model, write_scores
-    from .scorers import get_scorer
     from .builtin.tasks import load_task
+    from .driver import score_model, write_scores
+    from .run_store import prepare_run_dir
+    from .scorers import get_scorer
 
     get_scorer(args.scorer)
     _check_out(args.out)
-    from .driver import _prepare_dir
-
-    _prepare_dir(Path(args.out), resume=False)
+    prepare_run_dir(Path(args.out), resume=False)
     task = load_task(args.model, args.data, seed=args.seed)
     outs, summary = score_model(task.model, task.calib, scorer=args.scorer, kinds=args.kinds or task.kinds,
                                 options=_scorer_options(args), loss_fn=task.loss_fn, forward=task.forward,
@@ -238,12 +241,11 @@ def _add_prune_opts(p: argparse.ArgumentParser, *, demo: bool) -> None:
                    help="re-estimate BatchNorm running statistics on the calibration batches after every round "
                    "(no parameter update; default: the task's, on for mnist-cnn)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep DIR/checkpoint.safetensors after the run succeeds (default: removed)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="spectra", description="Spectral structural-importance pruning of neurons, channels and "
-                "attention heads.")
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+def _add_demo(sub: Any) -> None:
     d = sub.add_parser("demo", help="train (or load) a small real model, prune 50%% of its parameters with the "
                        "spectral scorer, fine-tune, print before/after")
     d.add_argument("--model", choices=("digits-mlp", "mnist-cnn"), default="digits-mlp")
@@ -255,22 +257,51 @@ def build_parser() -> argparse.ArgumentParser:
                    "none: --compare with no names)")
     d.add_argument("--seed", type=_positive_int, default=0)
     _add_prune_opts(d, demo=True)
+
+
+def _add_prune(sub: Any) -> None:
     pr = sub.add_parser("prune", help="prune a model to a target effective parameter reduction, fine-tune, report")
     _add_common(pr, need_out=True)
     _add_prune_opts(pr, demo=False)
+
+
+def _add_score(sub: Any) -> None:
     sc = sub.add_parser("score", help="score every group once and save the scores per group")
     _add_common(sc, need_out=True)
+
+
+def _add_report(sub: Any) -> None:
     rp = sub.add_parser("report", help="rebuild report.md and the plots of a run directory from its report.json")
     rp.add_argument("dir")
+
+
+def _add_env(sub: Any) -> None:
     sub.add_parser("env", help="versions, devices and which backends are available")
+
+
+# name -> (parser builder, command); the order is the order of ``spectra --help``
+COMMANDS: dict[str, tuple[Any, Any]] = {
+    "demo": (_add_demo, _demo), "prune": (_add_prune, _prune), "score": (_add_score, _score),
+    "report": (_add_report, _report), "env": (_add_env, _env),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ._version import __version__
+
+    p = _Parser(prog="spectra", description="Spectral structural-importance pruning of neurons, channels and "
+                "attention heads.")
+    p.add_argument("--version", action="version", version=f"spectra_gpu {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    for add, _ in COMMANDS.values():
+        add(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cmds = {"demo": _demo, "prune": _prune, "score": _score, "report": _report, "env": _env}
     try:
-        return cmds[args.cmd](args)
+        return int(COMMANDS[args.cmd][1](args))
     except (ValueError, TypeError, OSError, ImportError) as e:
         if os.environ.get("SPECTRA_GPU_DEBUG") == "1":
             raise

@@ -1,5 +1,5 @@
 """The single recovery fine-tune after pruning: one recipe (optimiser, epochs/steps, lr, schedule) for every
-scorer (algorithm.md section 9 fairness rules), resumable at epoch boundaries with the same result.
+scorer (docs/algorithm.md section 9 fairness rules), resumable at epoch boundaries with the same result.
 
 Determinism across a resume: the data order of epoch e comes from the caller's ``batches(e)`` (seeded by the
 epoch), the torch RNG (dropout) is re-seeded from (seed, epoch) at the start of every epoch, and the

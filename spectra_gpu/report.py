@@ -26,15 +26,17 @@ PLOTS = {"scores": "scores_by_layer.png", "eigen": "eigenvalues.png", "metric": 
          "widths": "widths.png"}
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> None:
-    """Write a file via a temp file in the same directory + fsync + os.replace: readers see the old or the
-    new file, never half of one."""
+def atomic_replace(path: str | os.PathLike[str], write_to: Callable[[Path], None]) -> None:
+    """Create ``path`` atomically: ``write_to(tmp)`` writes a temp file in the same directory, which is then
+    fsynced and moved over ``path`` (os.replace): readers see the old or the new file, never half of one, and
+    a failed write leaves the old file and no temp file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
+        write_to(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -43,8 +45,22 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
         raise
 
 
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> None:
+    """``atomic_replace`` with a writer that gets the open binary temp file."""
+    def to(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            write(f)
+
+    atomic_replace(path, to)
+
+
 def write_text(path: str | os.PathLike[str], text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode()))
+    data = text.encode()
+
+    def write(f: IO[bytes]) -> None:
+        f.write(data)
+
+    atomic_write(path, write)
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
@@ -95,8 +111,8 @@ def _fmt(v: Any, nd: int = 4) -> str:
     return str(v)
 
 
-def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
-    """report.md: headline table, rounds, fine-tune history, plots."""
+def markdown(report: dict[str, Any], plots: dict[str, str], note: str | None = None) -> str:
+    """report.md: headline table, rounds, fine-tune history, plots (or ``note`` saying why there are none)."""
     r = report
     lines = [f"# spectra prune: {r['model']} ({r.get('data', '')}), scorer {r['scorer']}", ""]
     lines += ["| quantity | value |", "|---|---|"]
@@ -130,9 +146,28 @@ def markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
         lines += ["", "## Recovery fine-tune", "", "| epoch | steps | mean loss | seconds |", "|---|---|---|---|"]
         lines += [f"| {h['epoch']} | {h['steps']} | {_fmt(h['loss'])} | {_fmt(h['seconds'], 1)} |"
                   for h in r["finetune_history"]]
-    if plots:
-        lines += ["", "## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()]
+    lines += _plot_lines(plots, note)
     return "\n".join(lines) + "\n"
+
+
+def _plot_lines(plots: dict[str, str], note: str | None) -> list[str]:
+    if plots:
+        return ["", "## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()]
+    return ["", note] if note else []
+
+
+NO_MATPLOTLIB = ("Plots: not drawn, matplotlib is not installed (`pip install matplotlib`, then `spectra report "
+                 "DIR` draws them from report.json).")
+
+
+def plot_report(report: dict[str, Any], out_dir: str | os.PathLike[str]) -> tuple[dict[str, str], str | None]:
+    """``plot_all`` if matplotlib is installed: ({kind: file name}, None); else ({}, a one-line note for
+    report.md)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return {}, NO_MATPLOTLIB
+    return plot_all(report, out_dir), None
 
 
 def _save_fig(fig: Any, path: Path) -> None:
@@ -220,8 +255,8 @@ def write_report(out_dir: str | os.PathLike[str], report: dict[str, Any], *, plo
     _check(report)
     out_dir = Path(out_dir)
     write_json(out_dir / "report.json", report)
-    made = plot_all(report, out_dir) if plots else {}
-    write_text(out_dir / "report.md", markdown(report, made))
+    made, note = plot_report(report, out_dir) if plots else ({}, None)
+    write_text(out_dir / "report.md", markdown(report, made, note))
 
 
 def load_report(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -240,17 +275,15 @@ def load_report(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
 def render(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Rebuild report.md and the plots of a finished run from its report.json; return the report."""
     rep = load_report(out_dir)
-    if rep.get("kind") == "score":
-        made = plot_all(rep, out_dir)
-        write_text(Path(out_dir) / "report.md", score_markdown(rep, made))
-    else:
+    if rep.get("kind") != "score":
         _check(rep)
-        made = plot_all(rep, out_dir)
-        write_text(Path(out_dir) / "report.md", markdown(rep, made))
+    made, note = plot_report(rep, out_dir)
+    md = score_markdown(rep, made, note) if rep.get("kind") == "score" else markdown(rep, made, note)
+    write_text(Path(out_dir) / "report.md", md)
     return rep
 
 
-def score_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
+def score_markdown(report: dict[str, Any], plots: dict[str, str], note: str | None = None) -> str:
     """report.md of a scores-only run (``spectra score``)."""
     lines = [f"# spectra score: {report['model']} ({report.get('data', '')}), scorer {report['scorer']}", "",
              f"Scored {len(report['groups'])} groups in {report['seconds_scoring']:.2f} s "
@@ -260,10 +293,10 @@ def score_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
     for g, info in report["groups"].items():
         lines.append(f"| {g} | {info['kind']} | {info['n']} | {info['dead']} | {_fmt(info.get('lambda_1'))} | "
                      f"{_fmt(info['seconds'], 3)} |")
-    if plots:
-        lines += ["", "## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()]
+    lines += _plot_lines(plots, note)
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["PLOTS", "REQUIRED", "atomic_write", "load_report", "markdown", "plot_all", "render",
+__all__ = ["NO_MATPLOTLIB", "PLOTS", "REQUIRED", "atomic_replace", "atomic_write", "load_report", "markdown",
+           "plot_all", "plot_report", "render",
            "score_markdown", "score_summary", "torch_save", "write_json", "write_report", "write_text"]

@@ -2,8 +2,8 @@
 
 Every scorer maps a :class:`ScoreContext` (one group of units at its current width: calibration statistics,
 incoming/outgoing weights, optional Taylor terms) to a :class:`ScoreOutput` whose ``scores`` are higher = keep.
-Formulas are algorithm.md section 9; everything comes from :class:`SignalStats` + weights + taylor, so every
-criterion sees the same calibration data and is recomputed every round by the driver (fairness rules).
+Formulas are docs/algorithm.md section 9; everything comes from :class:`SignalStats` + weights + taylor, so
+every criterion sees the same calibration data and is recomputed every round by the driver (fairness rules).
 
 Statistics from ``SignalStats`` (post side = activation a_i over the M calibration samples):
   mean_i, std_i = stats.mean_std("post"), ||a_i||_2^2 = M (std_i^2 + mean_i^2), zero fraction = 1 - nnz_i / M,

@@ -2,9 +2,9 @@
 
 ``select_units`` picks the q lowest-scoring units of one group, with ties to the lower index, under three
 constraints: at least ``min_keep`` units stay; never both ends of a near-duplicate pair in one round (their
-shared edge scores ~0, so both look redundant and removing both loses the function: algorithm.md section 5);
-optionally at most one unit per input-graph kNN neighbourhood per round (premortem.md item 6: bottom-first
-removal otherwise deletes whole clusters of interchangeable units at once).
+shared edge scores ~0, so both look redundant and removing both loses the function: docs/algorithm.md
+section 5); optionally at most one unit per input-graph kNN neighbourhood per round (bottom-first removal
+otherwise deletes whole clusters of interchangeable units at once).
 
 ``round_counts`` turns a per-round fraction into per-group counts: uniform (q = ceil(r N) per group, the spec's
 default, since max-normalised scores are not comparable across layers) or global (pool every unit, rank by

@@ -1,5 +1,5 @@
 """Physical removal of units: slice every weight attached to them so the model is genuinely smaller and
-runs with its normal forward (algorithm.md section 7).
+runs with its normal forward (docs/algorithm.md section 7).
 
 Per unit: the producer rows and biases (both SwiGLU projections), the BatchNorm affine parameters and
 running statistics, the consumer's input columns/channels; for heads the q/k/v rows and the out-projection

@@ -107,6 +107,7 @@ def test_prune_writes_report_plots_and_model(pruned):
               "model.pt"):
         assert (pruned / f).stat().st_size > 0
     assert not (pruned / "eigenvalues.png").exists()  # a baseline has no spectrum
+    assert not (pruned / "checkpoint.safetensors").exists()  # removed once the run succeeded
     md = (pruned / "report.md").read_text()
     assert "accuracy after fine-tune" in md and "| layers.0 | neuron | 256 |" in md
 
@@ -142,3 +143,42 @@ def test_report_rebuilds_md_and_plots(pruned, capsys):
         (pruned / f).unlink()
     code, out, _ = run(["report", str(pruned)], capsys)
     assert code == 0 and (pruned / "report.md").exists() and (pruned / "widths.png").exists()
+
+
+def test_report_without_matplotlib_still_writes_md_with_one_line(pruned, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from spectra_gpu.report import NO_MATPLOTLIB
+
+    d = tmp_path / "copy"
+    shutil.copytree(pruned, d)
+    for png in d.glob("*.png"):
+        png.unlink()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    code, out, err = run(["report", str(d)], capsys)
+    assert code == 0, err
+    md = (d / "report.md").read_text()
+    assert NO_MATPLOTLIB in md and "## Plots" not in md and "accuracy after fine-tune" in md
+    assert not list(d.glob("*.png"))
+
+
+def test_keep_checkpoints_and_version(env, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, _ = run(["prune", "--model", "digits-mlp", "--target", "0.1", "--scorer", "l1", "--out", str(out),
+                      "--epochs", "0", "--round-fraction", "0.1", "--keep-checkpoints"], capsys)
+    assert code == 0 and (out / "checkpoint.safetensors").stat().st_size > 0
+    from spectra_gpu import __version__
+
+    code, stdout, _ = run(["--version"], capsys)
+    assert code == 0 and stdout.strip() == f"spectra_gpu {__version__}"
+
+
+def test_python_dash_m_runs_the_cli(env):
+    from spectra_gpu import __version__
+
+    p = subprocess.run([sys.executable, "-m", "spectra_gpu", "--version"], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == f"spectra_gpu {__version__}"
+    p = subprocess.run([sys.executable, "-m", "spectra_gpu", "fly"], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 2 and "invalid choice" in p.stderr

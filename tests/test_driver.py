@@ -13,6 +13,7 @@ from spectra_gpu import accounting, units
 from spectra_gpu.driver import PruneConfig, TargetUnreachableError, prune, score_model
 from spectra_gpu.finetune import FinetuneConfig
 from spectra_gpu.report import atomic_write
+from spectra_gpu.run_store import CHECKPOINT
 
 
 @pytest.fixture(autouse=True)
@@ -212,7 +213,7 @@ def test_resume_after_injected_crash_gives_same_report(tmp_path, event, at):
 
     with pytest.raises(Crash):
         prune(copy.deepcopy(model), calib, cfg, out_dir=tmp_path / "run", callback=crash, **kw)
-    assert (tmp_path / "run" / "checkpoint.pt").exists()
+    assert (tmp_path / "run" / CHECKPOINT).exists()
     assert not (tmp_path / "run" / "report.json").exists()
     assert not list((tmp_path / "run").glob(".*.tmp"))
     seen = []
@@ -326,7 +327,7 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
 
 
 def test_head_schedule_follows_uniform_rate_in_whole_blocks():
-    from spectra_gpu.driver import head_counts
+    from spectra_gpu.rounds import head_counts
 
     w = {"gqa": 9, "mha": 12}
     removed_at = {"gqa": [], "mha": []}
@@ -383,7 +384,7 @@ def test_finetune_config_errors_and_zero_epochs():
 
 
 def test_recalibrate_bn_matches_batch_statistics_and_keeps_parameters():
-    from spectra_gpu.driver import recalibrate_bn
+    from spectra_gpu.rounds import recalibrate_bn
 
     torch.manual_seed(0)
     model = TinyCNN().eval()
@@ -413,25 +414,25 @@ def test_recalibrate_bn_option_in_the_driver():
 
 
 def test_hybrid_rank_gets_the_spectral_options_with_the_head_cap():
-    from spectra_gpu.driver import _scorer_options
+    from spectra_gpu.rounds import scorer_options
 
     cfg = PruneConfig(scorer="hybrid_rank", scorer_options={"k": 8, "num_eigs": 16})
-    assert _scorer_options(cfg, "ffn") == {"k": 8, "num_eigs": 16}
-    assert _scorer_options(cfg, "head") == {"k": 3, "num_eigs": 16}
-    assert _scorer_options(PruneConfig(scorer="wanda_sp", scorer_options={"k": 8}), "ffn") == {}
+    assert scorer_options(cfg, "ffn") == {"k": 8, "num_eigs": 16}
+    assert scorer_options(cfg, "head") == {"k": 3, "num_eigs": 16}
+    assert scorer_options(PruneConfig(scorer="wanda_sp", scorer_options={"k": 8}), "ffn") == {}
 
 
 def test_magnitude_baselines_capture_moments_only_unless_neighbours_are_needed():
-    from spectra_gpu.driver import _stats_mode
+    from spectra_gpu.rounds import stats_mode
 
-    assert _stats_mode("wanda_sp", False) == "moments" and _stats_mode("random", False) == "moments"
-    assert _stats_mode("wanda_sp", True) == "exact"  # one-per-neighbourhood needs the kNN graph
-    assert _stats_mode("spectral", False) == "exact" and _stats_mode("hybrid_rank", False) == "exact"
+    assert stats_mode("wanda_sp", False) == "moments" and stats_mode("random", False) == "moments"
+    assert stats_mode("wanda_sp", True) == "exact"  # one-per-neighbourhood needs the kNN graph
+    assert stats_mode("spectral", False) == "exact" and stats_mode("hybrid_rank", False) == "exact"
     # a user-registered scorer is never taken for a built-in baseline, whenever it was registered
     from spectra_gpu.scorers import SCORERS, register_scorer
 
     register_scorer("user_spectral_twin", SCORERS["spectral"])
     try:
-        assert _stats_mode("user_spectral_twin", False) == "exact"
+        assert stats_mode("user_spectral_twin", False) == "exact"
     finally:
         del SCORERS["user_spectral_twin"]

@@ -27,7 +27,7 @@ def test_digits():
     s = zoo.digits()
     assert s.x_train.shape[1:] == (1, 8, 8) and s.x_train.dtype == torch.float32
     assert len(s.y_train) + len(s.y_test) == 1797 and abs(len(s.y_test) - 0.25 * 1797) < 10
-    assert 0.0 <= float(s.x_train.min()) and float(s.x_train.max()) == 1.0
+    assert float(s.x_train.min()) >= 0.0 and float(s.x_train.max()) == 1.0
     assert sorted(s.y_test.unique().tolist()) == list(range(10))
 
 

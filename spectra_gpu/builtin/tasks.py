@@ -42,11 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import zoo
 from .._progress import enabled as _progress_on
 from .._progress import progress
 from ..finetune import FinetuneConfig
 from ..report import torch_save
+from . import zoo
 
 CACHE_VERSION = 2
 MODELS = {"digits-mlp": "digits", "mnist-cnn": "mnist5k", "minilm-rt": "rotten-tomatoes",

@@ -1,4 +1,4 @@
-"""Offline loaders of the real models and data that registry packages ship (environment.md), so tests,
+"""Offline loaders of the real models and data that registry packages ship, so tests,
 examples and experiments never download anything at run time.
 
 | loader | source package (pip) | content |
@@ -239,7 +239,7 @@ def load_smollm2(fresh: bool = True) -> tuple[nn.Module, Any]:
             raise RuntimeError(f"load_smollm2: GGUF weights did not map onto LlamaForCausalLM: missing {missing}, "
                                f"unexpected {unexpected}")
         src_buffers = dict(src.named_buffers())
-        for name, buf in model.named_buffers():  # non-persistent buffers (RoPE inv_freq) are not in state_dict
+        for name, _ in model.named_buffers():  # non-persistent buffers (RoPE inv_freq) are not in state_dict
             mod, _, leaf = name.rpartition(".")
             model.get_submodule(mod)._buffers[leaf] = src_buffers[name].clone()
         model.tie_weights()

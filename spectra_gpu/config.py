@@ -1,0 +1,90 @@
+"""What a pruning run is asked to do: :class:`PruneConfig` (validated on construction) and the error raised
+when its target cannot be reached (docs/algorithm.md section 7)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from . import units as _units
+from .finetune import FinetuneConfig
+from .scorers import get_scorer
+from .selection import ALLOCATIONS
+
+KINDS = _units.KINDS  # neuron (MLP), channel (conv), ffn (transformer FFN neuron), head
+EPR_BASES = ("total", "prunable")
+HEAD_K = 3  # per-layer head graphs are tiny (12-32 nodes): k = min(3, H - 1), docs/algorithm.md section 6
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """What to prune and how.
+
+    target: effective parameter reduction in (0, 1) on ``epr_basis`` ('total' parameters, or only the
+    'prunable' modules: embeddings, LM head and classifier excluded). scorer: a name of ``SCORERS``. kinds:
+    unit kinds to prune. round_fraction: share of each group's current width removed per round. allocation:
+    'uniform' (the same fraction per group) or 'global' (pooled by within-layer percentile).
+    one_per_neighbourhood: at most one unit per input-graph kNN neighbourhood per round. min_keep_fraction: of
+    the original width; neurons/channels/FFN neurons keep max(k + 2, that), heads max(1, that).
+    scorer_options: kwargs of the scorer (spectral: those of ``spectra_gpu.score``). seed: scorer draws,
+    eigen-solver starts and fine-tune dropout. max_rounds: a run that has not reached the target by then
+    fails. track_metric: evaluate after every round. recalibrate_bn: after every round re-estimate BatchNorm
+    running statistics on the calibration batches (buffers only, no parameter update; "adaptive BN"), since
+    removing upstream channels shifts a BatchNorm's inputs. finetune: the one recovery fine-tune.
+    """
+
+    target: float = 0.5
+    scorer: str = "spectral"
+    kinds: tuple[str, ...] = KINDS
+    round_fraction: float = 0.05
+    allocation: str = "uniform"
+    one_per_neighbourhood: bool = False
+    min_keep_fraction: float = 0.05
+    epr_basis: str = "total"
+    scorer_options: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    max_rounds: int = 1000
+    track_metric: bool = True
+    recalibrate_bn: bool = False
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target, bool) or not isinstance(self.target, (int, float)) or not 0 < self.target < 1:
+            raise ValueError(f"target: expected an effective parameter reduction in (0, 1), got {self.target!r}")
+        get_scorer(self.scorer)
+        kinds = (self.kinds,) if isinstance(self.kinds, str) else tuple(self.kinds)
+        bad = [k for k in kinds if k not in KINDS]
+        if not kinds or bad:
+            raise ValueError(f"kinds: expected a non-empty subset of {KINDS}, got {self.kinds!r}")
+        object.__setattr__(self, "kinds", kinds)
+        if not 0 < self.round_fraction <= 1:
+            raise ValueError(f"round_fraction: expected a number in (0, 1], got {self.round_fraction!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation: expected one of {ALLOCATIONS}, got {self.allocation!r}")
+        if not 0 <= self.min_keep_fraction < 1:
+            raise ValueError(f"min_keep_fraction: expected a number in [0, 1), got {self.min_keep_fraction!r}")
+        if self.epr_basis not in EPR_BASES:
+            raise ValueError(f"epr_basis: expected one of {EPR_BASES}, got {self.epr_basis!r}")
+        if not isinstance(self.scorer_options, dict):
+            raise TypeError(f"scorer_options: expected a dict, got {type(self.scorer_options).__name__}")
+        if isinstance(self.max_rounds, bool) or not isinstance(self.max_rounds, int) or self.max_rounds < 1:
+            raise ValueError(f"max_rounds: expected an int >= 1, got {self.max_rounds!r}")
+        if not isinstance(self.finetune, FinetuneConfig):
+            raise TypeError(f"finetune: expected a FinetuneConfig, got {type(self.finetune).__name__}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["kinds"] = list(self.kinds)
+        return d
+
+    @property
+    def k(self) -> int:
+        """Neighbours per unit of the spectral graphs (``scorer_options['k']``, default 10)."""
+        return int(self.scorer_options.get("k", 10))
+
+
+class TargetUnreachableError(ValueError):
+    """The target EPR cannot be reached without going below a group's min-keep."""
+
+
+__all__ = ["EPR_BASES", "HEAD_K", "KINDS", "PruneConfig", "TargetUnreachableError"]
