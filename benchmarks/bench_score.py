@@ -5,6 +5,7 @@ Full run (about 4 minutes on 2 cores):  python -m pytest benchmarks/bench_score.
     --benchmark-json benchmarks/results/<name>.json
 CI smoke (once each, no timing):         python -m pytest benchmarks -k small --benchmark-disable
 Peak memory of the full-size score is measured in a fresh subprocess (tests in this file: test_peak_rss_*).
+test_score_gpu times the same call on CUDA tensors, kernels (backend='triton') vs torch; it skips without a GPU.
 """
 
 import subprocess
@@ -14,10 +15,10 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from _layers import relu_layer
 from scipy.sparse.linalg import eigsh
 
 import spectra_gpu as sg
-from _layers import relu_layer
 
 SHAPES = {"small": (1536, 512), "mid": (1536, 2048), "full": (11008, 2048)}
 
@@ -120,3 +121,25 @@ def test_peak_rss(layer, benchmark, tmp_path):
     before, after = benchmark.pedantic(run, rounds=1, warmup_rounds=0)
     benchmark.extra_info.update(peak_rss_gib=after / 2**20, rss_before_score_gib=before / 2**20)
     assert after < 3 * 2**20  # KiB
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["small", "llama7b"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_score_gpu(benchmark, name, backend):
+    """sg.score on CUDA tensors with the kernels (backend='triton') or the torch reference on the GPU."""
+    from _bench import CUDA, SHAPES, TRITON_REASON, timed
+
+    if not CUDA:
+        pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)")
+    if backend == "triton" and TRITON_REASON:
+        pytest.skip(TRITON_REASON)
+    n, d, _ = SHAPES[name]
+    g = torch.Generator(device="cuda").manual_seed(1)
+    pre = torch.randn(n, 512, generator=g, device="cuda") @ torch.randn(512, d, generator=g, device="cuda") / 512**0.5
+    post = torch.relu(pre)
+    benchmark.group = f"score-gpu-{name}-N{n}-M{d}"
+    res = timed(benchmark, lambda: sg.score(pre, post, backend=backend), rounds=2)
+    benchmark.extra_info.update(solver=res.diagnostics["solver"], timings=res.diagnostics["timings"],
+                                residual_max=res.diagnostics["residual_max"])
+    assert res.diagnostics["residual_max"] < 1e-6

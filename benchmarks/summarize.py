@@ -9,7 +9,8 @@ from collections import defaultdict
 
 
 def main(path: str) -> None:
-    d = json.load(open(path))
+    with open(path) as f:
+        d = json.load(f)
     mi = d["machine_info"]
     groups: dict[str, dict[str, dict]] = defaultdict(dict)
     for b in d["benchmarks"]:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .ops.knn import SqDist, knn_from_sqdist
+from .ops.knn_graph import SqDist, knn_from_sqdist
 from .scoring.spectral import _dead_mask, score
 from .selection import percentile_ranks
 from .stats import SignalStats

@@ -9,7 +9,7 @@ fast) and accumulated in fp64; ``precision="fp64"`` multiplies in fp64 too.
 
 In ``sketch`` mode (large N, where an N x N Gram per side is too big) it keeps Z S and A S for one seeded
 Gaussian S [M, sketch_dim] drawn batch by batch (the same rows for both sides), plus the column sums of S;
-standardisation is applied afterwards by linearity, so the sketch is of the z-scored rows as the spec
+standardisation is applied afterwards by linearity, so the sketch is of the z-scored rows as docs/algorithm.md
 requires. A probe of ``probe`` random units keeps its exact Gram rows, so diagnostics report recall@k of
 the sketched kNN against the exact one.
 
@@ -28,20 +28,21 @@ import torch
 
 from ._validation import as_signal, check_finite, check_pair
 
-
 MODES = ("exact", "sketch", "moments")
 
 
 class _Side:
     def __init__(self, n: int, device: torch.device, mode: str, sketch_dim: int, probe: torch.Tensor | None):
-        f64 = dict(dtype=torch.float64, device=device)
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=torch.float64, device=device)
+
         self.shift: torch.Tensor | None = None
-        self.s1 = torch.zeros(n, **f64)  # sum of shifted signals
-        self.s2 = torch.zeros(n, **f64)  # sum of squared shifted signals
-        self.gram = torch.zeros(n, n, **f64) if mode == "exact" else None  # shifted Gram
-        self.sk = torch.zeros(n, sketch_dim, **f64) if mode == "sketch" else None  # shifted signals @ S
+        self.s1 = zeros(n)  # sum of shifted signals
+        self.s2 = zeros(n)  # sum of squared shifted signals
+        self.gram = zeros(n, n) if mode == "exact" else None  # shifted Gram
+        self.sk = zeros(n, sketch_dim) if mode == "sketch" else None  # shifted signals @ S
         self.probe = probe
-        self.pgram = torch.zeros(len(probe), n, **f64) if probe is not None else None
+        self.pgram = zeros(len(probe), n) if probe is not None else None
 
     def update(self, x: torch.Tensor, s: torch.Tensor | None, mm_dtype: torch.dtype) -> None:
         if self.shift is None:  # representable in the product dtype, so the subtraction below uses it exactly

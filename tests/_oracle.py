@@ -1,5 +1,5 @@
-"""An independent numpy/scipy implementation of the spec's default score (algorithm.md section 4), written
-from the spec without sharing code with the package: the oracle the torch reference is checked against."""
+"""An independent numpy/scipy implementation of the default score (docs/algorithm.md, section 4), written from
+that description without sharing code with the package: the oracle the torch reference is checked against."""
 
 import numpy as np
 import scipy.linalg

@@ -14,12 +14,13 @@ import scipy.sparse.linalg
 import torch
 
 import spectra_gpu as sg
-from spectra_gpu.backends import REGISTRY, registry, select
+from spectra_gpu.backends import REGISTRY, laplacian_operator, registry, select
 from spectra_gpu.backends.cupy import lobpcg_xp
 from spectra_gpu.errors import BackendUnavailableError, ConvergenceWarning
-from spectra_gpu.ops.knn import knn_torch
-from spectra_gpu.ops.laplacian import laplacian_csr, laplacian_operator, union_graph
-from spectra_gpu.ops.lobpcg import LobpcgResult, generalized_eigh_dense, lobpcg
+from spectra_gpu.ops.graph_laplacian import graph_laplacian_torch
+from spectra_gpu.ops.knn_graph import knn_graph_torch
+from spectra_gpu.ops.lobpcg import LobpcgResult, generalized_eigh_dense, lobpcg_torch
+from spectra_gpu.ops.union_graph import union_graph_torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -145,9 +146,9 @@ def _pencil(n: int = 150, k: int = 6, device: str = "cpu"):
     """L_X and the B = L_Y + (dbar/N) 1 1^T operator of two kNN graphs, as sg.score builds them."""
     g = torch.Generator().manual_seed(7)
     z = torch.randn(n, 12, generator=g, dtype=torch.float64)
-    gx = union_graph(knn_torch(z, k))
-    gy = union_graph(knn_torch(torch.tanh(z @ torch.randn(12, 12, generator=g, dtype=torch.float64)), k))
-    lx, ly = laplacian_csr(gx).to(device), laplacian_csr(gy).to(device)
+    gx = union_graph_torch(knn_graph_torch(z, k))
+    gy = union_graph_torch(knn_graph_torch(torch.tanh(z @ torch.randn(12, 12, generator=g, dtype=torch.float64)), k))
+    lx, ly = graph_laplacian_torch(gx).to(device), graph_laplacian_torch(gy).to(device)
     c = float(gy.degree().mean()) / n
     bmul = laplacian_operator(ly, c)
     jac = (1.0 / (gy.degree() + c))[:, None].to(device)
@@ -166,7 +167,7 @@ def test_cupy_wrapper_on_scipy_matches_dense_and_torch():
     u = res.eigenvectors
     torch.testing.assert_close(u.T @ dense_b @ u, torch.eye(5, dtype=torch.float64), rtol=0, atol=1e-6)
     assert bool((res.residuals < 1e-8).all())
-    ref = lobpcg(laplacian_operator(lx), 5, bmul, m=prec, n=lx.shape[0], tol=1e-8, maxiter=2000)
+    ref = lobpcg_torch(laplacian_operator(lx), 5, bmul, m=prec, n=lx.shape[0], tol=1e-8, maxiter=2000)
     torch.testing.assert_close(res.eigenvalues, ref.eigenvalues, rtol=1e-6, atol=1e-8)
 
 
@@ -188,6 +189,33 @@ def test_cupy_lobpcg_on_gpu_matches_torch():
     solve = select("lobpcg", lx)
     assert solve is REGISTRY["cupy"].ops["lobpcg"]  # automatic choice for CUDA tensors when CuPy sees a GPU
     res = solve(laplacian_operator(lx), 5, bmul, m=prec, n=lx.shape[0], tol=1e-8, maxiter=2000, device=lx.device)
-    ref = lobpcg(laplacian_operator(lx), 5, bmul, m=prec, n=lx.shape[0], tol=1e-8, maxiter=2000)
+    ref = lobpcg_torch(laplacian_operator(lx), 5, bmul, m=prec, n=lx.shape[0], tol=1e-8, maxiter=2000)
     assert res.converged and res.eigenvalues.device.type == "cuda"
+    got = sg.lobpcg(laplacian_operator(lx), 5, bmul, m=prec, n=lx.shape[0], tol=1e-8, maxiter=2000, device=lx.device)
+    torch.testing.assert_close(got.eigenvalues, ref.eigenvalues, rtol=1e-6, atol=1e-8)  # the public op picks cupy
     torch.testing.assert_close(res.eigenvalues, ref.eigenvalues, rtol=1e-6, atol=1e-8)
+
+
+def test_one_name_per_op_across_layers():
+    """Each op stem names its reference ``ops/<stem>.py::<stem>_torch``, its kernel ``kernels/<stem>.py::<stem>_triton``
+    (lobpcg has none: the triton backend runs the reference over kernel operators), the registry key, the public
+    op, its tests and its benchmark."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    stems = set(REGISTRY["torch"].ops)
+    assert stems == {"knn_graph", "union_graph", "graph_laplacian", "laplacian_apply", "lobpcg"}
+    assert set(REGISTRY["triton"].ops) == stems and set(REGISTRY["cupy"].ops) == {"lobpcg"}
+    for stem in sorted(stems):
+        assert REGISTRY["torch"].ops[stem].__name__ == f"{stem}_torch"
+        assert REGISTRY["triton"].ops[stem].__name__ == ("lobpcg_torch" if stem == "lobpcg" else f"{stem}_triton")
+        assert callable(getattr(sg.backends, stem))
+        files = [f"spectra_gpu/ops/{stem}.py", f"tests/ops/test_{stem}.py", f"benchmarks/bench_{stem}.py"]
+        if stem != "lobpcg":
+            files += [f"spectra_gpu/kernels/{stem}.py", f"tests/kernels/test_{stem}_kernel.py"]
+        for rel in files:
+            assert os.path.isfile(os.path.join(root, rel)), rel
+        with open(os.path.join(root, f"spectra_gpu/ops/{stem}.py")) as f:
+            assert f"def {stem}_torch(" in f.read()
+        if stem != "lobpcg":
+            with open(os.path.join(root, f"spectra_gpu/kernels/{stem}.py")) as f:
+                assert f"def {stem}_triton(" in f.read()
+    assert REGISTRY["cupy"].ops["lobpcg"].__name__ == "lobpcg_cupy"

@@ -1,13 +1,12 @@
-import warnings
 
 import numpy as np
 import pytest
 import torch
+from _oracle import oracle_score
+from conftest import relu_layer
 from scipy.stats import spearmanr
 
 import spectra_gpu as sg
-from _oracle import oracle_score
-from conftest import relu_layer
 
 
 @pytest.mark.parametrize("direction", ["fwd", "rev"])
@@ -241,7 +240,7 @@ def test_stats_keep_mean_abs_and_nonzero_counts():
 def _hub_graph(n: int, hubs: int, k: int, seed: int):
     """Every non-hub node linked to k random hubs: nearly bipartite, so J^(1/2) B J^(1/2) has eigenvalues
     above 2 (normalised-Laplacian top ~2 plus the rank-one term) -- kNN hubness on high-dimensional data."""
-    from spectra_gpu.ops.laplacian import Graph
+    from spectra_gpu.ops.union_graph import Graph
 
     g = torch.Generator().manual_seed(seed)
     src = torch.arange(hubs, n).repeat_interleave(k)
@@ -253,7 +252,8 @@ def _hub_graph(n: int, hubs: int, k: int, seed: int):
 
 
 def test_lobpcg_preconditioner_stays_spd_when_the_undamped_one_is_indefinite():
-    from spectra_gpu.ops.laplacian import laplacian_dense, laplacian_operator, laplacian_csr
+    from spectra_gpu.backends import laplacian_operator
+    from spectra_gpu.ops.graph_laplacian import graph_laplacian_dense, graph_laplacian_torch
     from spectra_gpu.scoring.spectral import _damping, _solve
 
     n = 900
@@ -261,15 +261,17 @@ def test_lobpcg_preconditioner_stays_spd_when_the_undamped_one_is_indefinite():
     gx = _hub_graph(n, 45, 10, seed=1)
     deg = gy.degree()
     c = float(deg.mean()) / n
-    b = laplacian_dense(gy) + c
+    b = graph_laplacian_dense(gy) + c
     jac = 1.0 / (deg + c)
     mu = torch.linalg.eigvalsh(jac.sqrt()[:, None] * b * jac.sqrt()[None, :])
     assert float(mu[-1]) > 2.0  # the undamped 2J - JBJ is indefinite here
-    w = _damping(laplacian_operator(laplacian_csr(gy), c), jac[:, None], c, seed=0)
+    with pytest.warns(sg.NumericalWarning, match="preconditioner 2J - JBJ would be indefinite"):
+        w = _damping(laplacian_operator(graph_laplacian_torch(gy), c), jac[:, None], c, seed=0)
     assert w * float(mu[-1]) < 2.0  # the damped one is SPD
     diag_l: dict = {}
     diag_d: dict = {}
-    lam_l, u_l = _solve(gx, gy, 16, "lobpcg", 1e-8, 500, 0, diag_l)
+    with pytest.warns(sg.NumericalWarning, match="damped to 2J - w JBJ"):
+        lam_l, u_l = _solve(gx, gy, 16, "lobpcg", 1e-8, 500, 0, diag_l)
     lam_d, _ = _solve(gx, gy, 16, "dense", 1e-8, 500, 0, diag_d)
     assert diag_l["solver"]["converged"], diag_l
     torch.testing.assert_close(lam_l, lam_d, rtol=1e-6, atol=0)
@@ -281,7 +283,7 @@ def test_moments_mode_keeps_no_gram_and_score_refuses_it():
     mo = sg.SignalStats(40, mode="moments", precision="fp64").update(pre, post)
     assert mo.pre.gram is None and mo.pre.sk is None and mo.nbytes() < ex.nbytes() / 10
     for side in ("pre", "post"):
-        for a, b in zip(mo.mean_std(side), ex.mean_std(side)):
+        for a, b in zip(mo.mean_std(side), ex.mean_std(side), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(mo.nnz_post, ex.nnz_post)
     with pytest.raises(ValueError, match="mode 'moments'"):

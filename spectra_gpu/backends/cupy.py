@@ -7,7 +7,8 @@ a failure is a reason string, never an import error.
 
 The wrapper is written against an array module pair (xp, sparse.linalg): cupy/cupyx here, numpy/scipy in the
 CPU tests, whose lobpcg cupyx ports. Operators stay torch callables (CSR matmul or the Triton SpMM); each
-product crosses by DLPack without copies.
+product crosses by DLPack without copies. The start block, its checks and the convergence test are those of
+the torch reference ``spectra_gpu.ops.lobpcg.lobpcg_torch``.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from typing import Any
 
 import torch
 
-from ..errors import ConvergenceWarning
-from ..ops.lobpcg import LobpcgResult, Operator, _opnorm, as_matmul, relative_residuals
-from .registry import Backend, register
+from ..errors import ConvergenceWarning, warn_numerical
+from ..ops.lobpcg import LobpcgResult, Operator, as_matmul, opnorm_estimate, relative_residuals, start_block
+from .base import Backend
 
 
 @functools.cache
@@ -55,30 +56,15 @@ def lobpcg_xp(xp: ModuleType, splinalg: ModuleType, a: Operator, k: int, b: Oper
               block: int | None = None, largest: bool = True, tol: float = 1e-6, maxiter: int = 500, seed: int = 0,
               dtype: torch.dtype = torch.float64, device: torch.device | str | None = None,
               warn: bool = True) -> LobpcgResult:
-    """ops.lobpcg.lobpcg's contract (same arguments, same result type, same relative-residual test) solved by
+    """lobpcg_torch's contract (same arguments, same result type, same relative-residual test) solved by
     ``splinalg.lobpcg`` (cupyx's or scipy's). Its stopping rule is an absolute residual norm; it gets
     tol x |A| / sqrt|B| (norms estimated from the start block), and convergence is judged afterwards by the
     relative residual, so ``converged`` means the same as on the torch path."""
     amul, bmul, mmul = as_matmul(a), as_matmul(b), as_matmul(m)
     if amul is None:
         raise ValueError("lobpcg: expected an operator a, got None")
-    if n is None:
-        if x0 is not None:
-            n = x0.shape[0]
-        elif isinstance(a, torch.Tensor):
-            n = a.shape[0]
-        else:
-            raise ValueError("lobpcg: give n (or x0) when a is a callable")
-    if block is None:
-        block = min(n, k + max(4, k // 4))
-    if not 1 <= k <= block or 3 * block > n:
-        raise ValueError(f"lobpcg: expected 1 <= k <= block and 3*block <= N, got k={k}, block={block}, N={n}")
-    if device is None:
-        device = x0.device if x0 is not None else (a.device if isinstance(a, torch.Tensor) else "cpu")
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.randn(n, block, generator=gen, dtype=dtype).to(device)  # the torch path's start block
-    if x0 is not None:
-        x[:, : min(block, x0.shape[1])] = x0[:, :block].to(dtype)
+    x = start_block(a, k, x0=x0, n=n, block=block, seed=seed, dtype=dtype, device=device)
+    n, device = x.shape[0], x.device
 
     def bop(v: torch.Tensor) -> torch.Tensor:
         return v if bmul is None else bmul(v)
@@ -90,7 +76,7 @@ def lobpcg_xp(xp: ModuleType, splinalg: ModuleType, a: Operator, k: int, b: Oper
 
         return splinalg.LinearOperator((n, n), matvec=mm, matmat=mm, dtype=xp.dtype(str(dtype).split(".")[1]))
 
-    anorm, bnorm = _opnorm(amul(x), x), _opnorm(bop(x), x)
+    anorm, bnorm = opnorm_estimate(amul(x), x), opnorm_estimate(bop(x), x)
     tol_abs = tol * anorm / max(bnorm, torch.finfo(dtype).tiny) ** 0.5
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # its own "not reaching the tolerance": ours follows
@@ -104,23 +90,23 @@ def lobpcg_xp(xp: ModuleType, splinalg: ModuleType, a: Operator, k: int, b: Oper
     order = torch.argsort(lam, descending=largest)[:k]
     lam, vec = lam[order], vec[:, order]
     ax, bx = amul(vec), bop(vec)
-    anorm, bnorm = max(anorm, _opnorm(ax, vec)), max(bnorm, _opnorm(bx, vec))
+    anorm, bnorm = max(anorm, opnorm_estimate(ax, vec)), max(bnorm, opnorm_estimate(bx, vec))
     res = relative_residuals(ax, bx, lam, vec, anorm, bnorm)
     converged = bool((res < tol).all())
     if not converged and warn:
-        warnings.warn(f"lobpcg ({xp.__name__}): {k} eigenpairs not converged after {maxiter} iterations (max "
-                      f"relative residual {float(res.max()):.2e} > tol {tol:.1e}); best iterate returned",
-                      ConvergenceWarning, stacklevel=2)
+        warn_numerical(f"lobpcg ({xp.__name__}): {k} eigenpairs not converged after {maxiter} iterations (max "
+                       f"relative residual {float(res.max()):.2e} > tol {tol:.1e}); best iterate returned",
+                       ConvergenceWarning)
     return LobpcgResult(lam, vec, res, iterations, converged)
 
 
 def lobpcg_cupy(a: Operator, k: int, b: Operator | None = None, **kwargs: Any) -> LobpcgResult:
-    """ops.lobpcg.lobpcg solved by cupyx.scipy.sparse.linalg.lobpcg (CUDA tensors in and out)."""
+    """lobpcg_torch's contract solved by cupyx.scipy.sparse.linalg.lobpcg (CUDA tensors in and out)."""
     import cupy
     import cupyx.scipy.sparse.linalg as splinalg
 
     return lobpcg_xp(cupy, splinalg, a, k, b, **kwargs)
 
 
-register(Backend(name="cupy", priority=5, is_available=_available, ops={"lobpcg": lobpcg_cupy},
-                 supports=_supports))
+BACKEND = Backend(name="cupy", priority=5, is_available=_available, ops={"lobpcg": lobpcg_cupy},
+                  supports=_supports)

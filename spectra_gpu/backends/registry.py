@@ -1,4 +1,4 @@
-"""Backend records and the dispatch rule.
+"""The backend table and the dispatch rule.
 
 explicit ``backend=`` argument > ``SPECTRA_GPU_BACKEND`` > automatic by priority. An explicitly asked backend
 that cannot run this call raises :class:`BackendUnavailableError` naming why; the automatic choice falls back
@@ -9,39 +9,26 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import BackendUnavailableError
+from . import cupy as _cupy
+from . import torch as _torch
+from . import triton as _triton
+from .base import Backend
 
 logger = logging.getLogger("spectra_gpu")
 
 ENV_VAR = "SPECTRA_GPU_BACKEND"
 
-
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    priority: int  # lower wins in automatic mode
-    is_available: Callable[[], tuple[bool, str]]  # (ok, reason if not); cached by the backend itself
-    ops: Mapping[str, Callable[..., Any]]
-    supports: Callable[..., tuple[bool, str]]  # (op, *args) -> (ok, reason)
-
-
-REGISTRY: dict[str, Backend] = {}
+REGISTRY: dict[str, Backend] = {be.name: be for be in (_torch.BACKEND, _triton.BACKEND, _cupy.BACKEND)}
 _logged: set[tuple[str, str, str]] = set()
 
 
 def register(backend: Backend) -> None:
+    """Add (or replace) a backend of that name."""
     REGISTRY[backend.name] = backend
-
-
-def _ensure_registered() -> None:
-    if "torch" not in REGISTRY:
-        from . import torch as _torch  # noqa: F401  (registers itself)
-        from . import triton as _triton  # noqa: F401
-        from . import cupy as _cupy  # noqa: F401
 
 
 def _log_once(op: str, name: str, why: str) -> None:
@@ -53,24 +40,21 @@ def _log_once(op: str, name: str, why: str) -> None:
 
 def available_backends() -> dict[str, tuple[bool, str]]:
     """Every registered backend with (available, reason)."""
-    _ensure_registered()
     return {name: be.is_available() for name, be in sorted(REGISTRY.items(), key=lambda kv: kv[1].priority)}
 
 
 def resolve_name(backend: str | None) -> str | None:
+    """The explicitly requested backend (argument, else SPECTRA_GPU_BACKEND), or None for automatic."""
     name = backend if backend is not None else os.environ.get(ENV_VAR) or None
-    if name is not None:
-        _ensure_registered()
-        if name not in REGISTRY:
-            raise BackendUnavailableError(
-                f"unknown backend {name!r}: expected one of {sorted(REGISTRY)} (from "
-                f"{'the backend argument' if backend is not None else ENV_VAR})")
+    if name is not None and name not in REGISTRY:
+        raise BackendUnavailableError(
+            f"unknown backend {name!r}: expected one of {sorted(REGISTRY)} (from "
+            f"{'the backend argument' if backend is not None else ENV_VAR})")
     return name
 
 
 def select(op: str, *args: Any, backend: str | None = None) -> Callable[..., Any]:
     """The implementation of ``op`` for these arguments under the dispatch rule."""
-    _ensure_registered()
     name = resolve_name(backend)
     if name is not None:
         be = REGISTRY[name]

@@ -2,8 +2,11 @@
 
 Runs CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 (Triton's CPU interpreter). The interpreter is a
 test vehicle, orders of magnitude slower than torch, so under it the backend is never chosen automatically
-(its priority sorts after torch's), only on explicit request. The eigen-solver is the torch LOBPCG of
-ops.lobpcg running over the kernel-built operators (Laplacian CSR + fused SpMM).
+(its priority sorts after torch's), only on explicit request. The eigen-solver is the torch reference
+``lobpcg_torch`` running over the kernel-built operators (Laplacian CSR + fused SpMM).
+
+Each op ``<stem>`` maps to ``<stem>_triton`` below, which imports ``spectra_gpu.kernels.<stem>`` when first
+called (so a machine without triton or a GPU never imports it) and runs its ``<stem>_triton``.
 """
 
 from __future__ import annotations
@@ -11,15 +14,15 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from ..ops.knn import KnnGraph
-from ..ops.laplacian import Graph
-from ..ops.lobpcg import lobpcg
-from .registry import Backend, register
+from ..ops.knn_graph import KnnGraph
+from ..ops.lobpcg import lobpcg_torch
+from ..ops.union_graph import Graph
+from .base import Backend
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _FLOATS_KNN = (torch.float16, torch.bfloat16, torch.float32)
@@ -33,7 +36,8 @@ def _available() -> tuple[bool, str]:
         return False, ("no CUDA device (torch.cuda.is_available() is False); TRITON_INTERPRET=1 runs the kernels "
                        "on CPU for testing")
     try:
-        from ..kernels import knn, laplacian  # noqa: F401  (defines the kernels; compiles nothing)
+        from ..kernels import graph_laplacian, knn_graph, laplacian_apply, union_graph  # noqa: F401  (defines
+        # the kernels; compiles nothing)
     except Exception as e:  # a broken or mismatched triton install: report it, never crash the import
         return False, f"importing the Triton kernels failed: {type(e).__name__}: {e}"
     return True, ""
@@ -54,7 +58,7 @@ def _supports(op: str, *args: Any) -> tuple[bool, str]:
     if not ok:
         return ok, why
     if op == "knn_graph":
-        from ..kernels.knn import K_MAX
+        from ..kernels.knn_graph import K_MAX
 
         if t.dtype not in _FLOATS_KNN:
             return False, f"{t.dtype} input: the Triton kNN computes in fp32 (fp16/bf16/fp32); torch keeps {t.dtype}"
@@ -66,39 +70,36 @@ def _supports(op: str, *args: Any) -> tuple[bool, str]:
     return True, ""
 
 
-def _knn_graph(x: torch.Tensor, k: int) -> KnnGraph:
-    from ..kernels.knn import knn_topk
+def knn_graph_triton(x: torch.Tensor, k: int, lengths: Sequence[int] | torch.Tensor | None = None, *,
+                     splits: int | None = None) -> KnnGraph:
+    from ..kernels import knn_graph
 
-    idx, dist = knn_topk(x, k)
-    return KnnGraph(idx, dist.double())
-
-
-def _union_graph(knn: KnnGraph, *, weighted: bool = False) -> Graph:
-    from ..kernels.laplacian import union_graph_triton
-
-    return union_graph_triton(knn, weighted=weighted)
+    return knn_graph.knn_graph_triton(x, k, lengths, splits=splits)
 
 
-def _graph_laplacian(g: Graph, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    from ..kernels.laplacian import graph_laplacian_triton
+def union_graph_triton(knn: KnnGraph, *, weighted: bool = False) -> Graph:
+    from ..kernels import union_graph
 
-    return graph_laplacian_triton(g, dtype)
-
-
-def _laplacian_apply(lap: torch.Tensor, shift: float = 0.0) -> Callable[[torch.Tensor], torch.Tensor]:
-    from ..kernels.laplacian import laplacian_apply
-
-    def mm(v: torch.Tensor) -> torch.Tensor:
-        return laplacian_apply(lap, v, shift)
-
-    return mm
+    return union_graph.union_graph_triton(knn, weighted=weighted)
 
 
-register(Backend(
+def graph_laplacian_triton(g: Graph, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    from ..kernels import graph_laplacian
+
+    return graph_laplacian.graph_laplacian_triton(g, dtype)
+
+
+def laplacian_apply_triton(lap: torch.Tensor, x: torch.Tensor, shift: float = 0.0) -> torch.Tensor:
+    from ..kernels import laplacian_apply
+
+    return laplacian_apply.laplacian_apply_triton(lap, x, shift)
+
+
+BACKEND = Backend(
     name="triton",
     priority=1000 if INTERPRET else 10,
     is_available=_available,
-    ops={"knn_graph": _knn_graph, "union_graph": _union_graph, "graph_laplacian": _graph_laplacian,
-         "laplacian_apply": _laplacian_apply, "lobpcg": lobpcg},
+    ops={"knn_graph": knn_graph_triton, "union_graph": union_graph_triton, "graph_laplacian": graph_laplacian_triton,
+         "laplacian_apply": laplacian_apply_triton, "lobpcg": lobpcg_torch},
     supports=_supports,
-))
+)

@@ -1,1 +1,2 @@
-"""Triton kernels of the CUDA path (imported lazily by spectra_gpu.backends.triton; needs triton)."""
+"""Triton kernels, one module per op stem (``kernels/<stem>.py`` holds ``<stem>_triton``); imported only by the
+triton backend, on first use."""

@@ -1,4 +1,5 @@
-"""Fused exact kNN over the rows of several layers at once: pairwise squared distances + running top-k.
+"""The ``knn_graph`` op in Triton: fused exact kNN over the rows of several layers at once, pairwise squared
+distances + running top-k. Contract and reference: ``spectra_gpu.ops.knn_graph.knn_graph_torch``.
 
 Design (one program = BLOCK_M query rows of one layer and one of SPLITS column ranges; grid = (split, row block,
 layer), split fastest):
@@ -29,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.knn import knn_torch
+from ..ops.knn_graph import KnnGraph, layer_lengths
 from ._utils import INTERPRET, alloc, check_int, check_tensor, configs, next_pow2
 
 # shape legend: B layers, N units (graph nodes, padded to N_MAX), D features (samples), K neighbours
@@ -124,17 +125,6 @@ def _knn_topk_kernel(x_ptr, sqn_ptr, len_ptr, key_ptr, N_MAX, D, K, SPLITS,
         tl.store(key_ptr + out + t, m, mask=rows < N_MAX)
 
 
-def _lengths(lengths: Sequence[int] | torch.Tensor | None, b: int, n_max: int, device: torch.device) -> torch.Tensor:
-    if lengths is None:
-        return torch.full((b,), n_max, dtype=torch.int32, device=device)
-    lens = torch.as_tensor(lengths).to("cpu")
-    if lens.dim() != 1 or lens.numel() != b or lens.dtype.is_floating_point or lens.dtype == torch.bool:
-        raise ValueError(f"lengths: expected {b} integer row counts (one per layer), got {lengths!r}")
-    if int(lens.min()) < 2 or int(lens.max()) > n_max:
-        raise ValueError(f"lengths: expected every row count in [2, N={n_max}], got {lens.tolist()}")
-    return lens.to(device=device, dtype=torch.int32)
-
-
 def _dot_precision(x: torch.Tensor) -> str | None:
     if x.dtype != torch.float32:
         return None  # fp16/bf16 operands: tensor cores, fp32 accumulation
@@ -152,14 +142,15 @@ def unpack_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return idx, torch.where(valid, dist, float("inf"))
 
 
-def knn_topk(x: torch.Tensor, k: int, lengths: Sequence[int] | torch.Tensor | None = None, *,
-             splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def knn_graph_triton(x: torch.Tensor, k: int, lengths: Sequence[int] | torch.Tensor | None = None, *,
+                     splits: int | None = None) -> KnnGraph:
     """Exact k nearest neighbours of every row, per layer, nearest first, ties to the lower index.
 
     x: [N, D] or [B, N, D] (fp16/bf16/fp32, any strides); layer b uses its first ``lengths[b]`` rows
-    (default all N). Returns idx [.., N, k] int64 (layer-local, -1 on padded rows) and squared distances
-    [.., N, k] float32 (+inf on padded rows). splits: programs sharing one row block's columns (default: 1 in
-    the interpreter, up to 8 on a GPU so the query strip is read from L2, see the module docstring).
+    (default all N). Returns a KnnGraph of idx [.., N, k] int64 (layer-local, -1 on padded rows) and squared
+    distances [.., N, k] float64 holding the kernel's fp32 values (+inf on padded rows). splits: programs sharing
+    one row block's columns (default: 1 in the interpreter, up to 8 on a GPU so the query strip is read from L2,
+    see the module docstring).
     """
     check_tensor(x, "x", (2, 3), _DTYPES)
     squeeze = x.dim() == 2
@@ -169,7 +160,7 @@ def knn_topk(x: torch.Tensor, k: int, lengths: Sequence[int] | torch.Tensor | No
         raise ValueError(f"x: expected 1 <= D and N < 2^31 rows, got shape {tuple(x.shape)}")
     if b > 65535 or n_max > 65535 * 32:
         raise ValueError(f"x: expected at most 65535 layers and 2M rows (grid limits), got shape {tuple(x.shape)}")
-    lens = _lengths(lengths, b, n_max, x.device)
+    lens = torch.tensor(layer_lengths(lengths, b, n_max), dtype=torch.int32, device=x.device)
     n_min = int(lens.min())
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < n_min:
         raise ValueError(f"k: expected an int with 1 <= k < smallest layer N={n_min}, got {k!r}")
@@ -193,19 +184,4 @@ def knn_topk(x: torch.Tensor, k: int, lengths: Sequence[int] | torch.Tensor | No
     if splits > 1:  # merge the per-split sorted lists; keys are unique, so ties still go to the lower index
         keys = torch.topk(keys, k, dim=2, largest=False, sorted=True).values
     idx, dist = unpack_keys(keys)
-    return (idx[0], dist[0]) if squeeze else (idx, dist)
-
-
-def knn_topk_torch(x: torch.Tensor, k: int, lengths: Sequence[int] | torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference for :func:`knn_topk`: the production torch kNN (ops.knn.knn_torch) layer by layer."""
-    squeeze = x.dim() == 2
-    x3 = x.unsqueeze(0) if squeeze else x
-    b, n_max, _ = x3.shape
-    lens = [n_max] * b if lengths is None else [int(v) for v in torch.as_tensor(lengths).tolist()]
-    idx = torch.full((b, n_max, k), -1, dtype=torch.int64, device=x.device)
-    dist = torch.full((b, n_max, k), float("inf"), dtype=torch.float32, device=x.device)
-    for i, n in enumerate(lens):
-        g = knn_torch(x3[i, :n], k)
-        idx[i, :n], dist[i, :n] = g.idx, g.sqdist.float()
-    return (idx[0], dist[0]) if squeeze else (idx, dist)
+    return KnnGraph(idx[0], dist[0].double()) if squeeze else KnnGraph(idx, dist.double())

@@ -1,33 +1,37 @@
-"""Exact k-nearest-neighbour graphs over units (rows), Euclidean.
+"""The ``knn_graph`` op's data type and torch reference: exact Euclidean k-nearest-neighbour lists of the rows.
 
-The torch reference is blocked: a row block of squared distances ``|x_i|^2 + |x_j|^2 - 2 x_i.x_j`` comes from
+The reference is blocked: a row block of squared distances ``|x_i|^2 + |x_j|^2 - 2 x_i.x_j`` comes from
 one matmul, ``topk`` keeps the k smallest, and the N x N matrix is never held. Its cost is that of one Gram
 product X X^T, the floor for exact kNN. Ties are broken by the lower index (rows with any tie among their k+1
 nearest are re-ranked with a stable sort), so the graph is deterministic.
+
+The validated, dispatched entry point is ``spectra_gpu.backends.knn_graph``; the Triton implementation is
+``spectra_gpu.kernels.knn_graph.knn_graph_triton``, with the same contract.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from .._validation import check_finite
-
-# shape legend: N units (graph nodes), D features (samples), K neighbours
+# shape legend: B layers, N units (graph nodes), D features (samples), K neighbours
 _BLOCK_BYTES = 64 * 2**20  # one row block of distances: bounded memory, large enough for a fast matmul
 
 
 @dataclass(frozen=True)
 class KnnGraph:
-    """k nearest neighbours of every node, nearest first. idx [N, K] int64; sqdist [N, K] float64."""
+    """k nearest neighbours of every node, nearest first, ties to the lower index. idx [N, K] int64 and sqdist
+    [N, K] float64 (squared Euclidean distances). A batch of B layers holds [B, N, K]; rows at or past a layer's
+    length are padding (index -1, distance +inf)."""
 
     idx: torch.Tensor
     sqdist: torch.Tensor
 
     @property
     def k(self) -> int:
-        return int(self.idx.shape[1])
+        return int(self.idx.shape[-1])
 
 
 class SqDist:
@@ -36,6 +40,8 @@ class SqDist:
     def __init__(self, x: torch.Tensor | None = None, *, gram: torch.Tensor | None = None) -> None:
         if (x is None) == (gram is None):
             raise ValueError("SqDist: give exactly one of x or gram")
+        self.x: torch.Tensor | None
+        self.gram: torch.Tensor | None
         if x is not None:
             if x.dtype in (torch.float16, torch.bfloat16):
                 x = x.float()
@@ -51,7 +57,11 @@ class SqDist:
 
     def block(self, s: int, e: int) -> torch.Tensor:
         """Squared distances of rows s:e to all rows, [e-s, N], clamped at 0."""
-        g = self.x[s:e] @ self.x.T if self.x is not None else self.gram[s:e]  # type: ignore[index]
+        if self.x is not None:
+            g = self.x[s:e] @ self.x.T
+        else:
+            assert self.gram is not None
+            g = self.gram[s:e]
         return (self.sqn[s:e, None] + self.sqn[None, :]).sub_(g, alpha=2.0).clamp_min_(0.0)
 
     def step(self) -> int:
@@ -133,21 +143,29 @@ def knn_symmetric(d: SqDist, k: int, block: int = 2048) -> KnnGraph:
     return KnnGraph(bi[:, :k].contiguous(), bv[:, :k].double())
 
 
-def knn_torch(x: torch.Tensor, k: int) -> KnnGraph:
-    """Reference exact kNN of the rows of ``x`` [N, D], blocked matmul + topk (fp16/bf16 computed in fp32)."""
-    return knn_symmetric(SqDist(x), k)
+def layer_lengths(lengths: Sequence[int] | torch.Tensor | None, b: int, n_max: int) -> list[int]:
+    """Row counts of B layers padded to n_max rows (all n_max when ``lengths`` is None), each in [2, n_max]."""
+    if lengths is None:
+        return [n_max] * b
+    lens = torch.as_tensor(lengths).to("cpu")
+    if lens.dim() != 1 or lens.numel() != b or lens.dtype.is_floating_point or lens.dtype == torch.bool:
+        raise ValueError(f"lengths: expected {b} integer row counts (one per layer), got {lengths!r}")
+    if int(lens.min()) < 2 or int(lens.max()) > n_max:
+        raise ValueError(f"lengths: expected every row count in [2, N={n_max}], got {lens.tolist()}")
+    return [int(v) for v in lens.tolist()]
 
 
-def knn_graph(x: torch.Tensor, k: int, *, backend: str | None = None) -> KnnGraph:
-    """Exact Euclidean kNN of the rows of ``x`` [N, D]; validated here, dispatched to a backend."""
-    from ..backends import select
-
-    if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise ValueError(f"x: expected a 2-D tensor [N, D], got {getattr(x, 'shape', type(x).__name__)}")
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(f"x: expected a float tensor, got {x.dtype}")
-    n = x.shape[0]
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < n:
-        raise ValueError(f"k: expected an int with 1 <= k < N={n}, got {k!r}")
-    check_finite(x, "x")
-    return select("knn_graph", x, k, backend=backend)(x, k)  # type: ignore[no-any-return]
+def knn_graph_torch(x: torch.Tensor, k: int, lengths: Sequence[int] | torch.Tensor | None = None) -> KnnGraph:
+    """Reference exact kNN of the rows of ``x`` [N, D] (blocked upper-triangle matmul + topk; fp16/bf16 computed in
+    fp32), or of each layer of ``x`` [B, N, D] whose first ``lengths[b]`` rows are real (default all N)."""
+    if x.dim() == 2 and lengths is None:
+        return knn_symmetric(SqDist(x), k)
+    squeeze = x.dim() == 2
+    x3 = x.unsqueeze(0) if squeeze else x
+    b, n_max, _ = x3.shape
+    idx = torch.full((b, n_max, k), -1, dtype=torch.int64, device=x.device)
+    sqdist = torch.full((b, n_max, k), float("inf"), dtype=torch.float64, device=x.device)
+    for i, n in enumerate(layer_lengths(lengths, b, n_max)):
+        g = knn_symmetric(SqDist(x3[i, :n]), k)
+        idx[i, :n], sqdist[i, :n] = g.idx, g.sqdist
+    return KnnGraph(idx[0], sqdist[0]) if squeeze else KnnGraph(idx, sqdist)

@@ -1,19 +1,19 @@
-"""Union-symmetrised kNN graphs, connectivity repair and combinatorial Laplacians L = D - W as CSR.
+"""The ``union_graph`` op's data type and torch reference: the undirected union of kNN lists, plus the
+connectivity repair (a minimum spanning tree over the components) that the scores need.
 
-Normalised Laplacians are deliberately absent: with D^-1/2 the two sides' null vectors differ and the pencil
-(L_X, L_Y) gets an infinite eigenvalue (algorithm.md section 2).
+The validated, dispatched entry point is ``spectra_gpu.backends.union_graph``; the Triton implementation is
+``spectra_gpu.kernels.union_graph.union_graph_triton``, with the same contract and the same numbers.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from .knn import KnnGraph, SqDist
+from ..errors import warn_numerical
+from .knn_graph import KnnGraph, SqDist
 
 
 @dataclass(frozen=True)
@@ -52,9 +52,21 @@ class Graph:
         return list(torch.split(both_c, counts))
 
 
-def union_graph(knn: KnnGraph, *, weighted: bool = False) -> Graph:
-    """i~j if j is among i's k nearest or i among j's. Unit weights, or exp(-d^2/sigma^2) with sigma^2 the
-    median squared kNN distance (a scale-free bandwidth, unlike SPADE's exp(-d^2))."""
+def edge_bandwidth(sqdist: torch.Tensor) -> float:
+    """sigma^2 of the weights exp(-d^2 / sigma^2): the median squared edge length (scale-free, unlike SPADE's
+    exp(-d^2)); 1.0, with a NumericalWarning, when that median is 0 (most edges join duplicate points)."""
+    sigma2 = float(torch.median(sqdist))
+    if sigma2 > 0:
+        return sigma2
+    warn_numerical("edge weights: the median squared edge length is 0 (most edges join duplicate points); "
+                   "bandwidth sigma^2 = 1 used")
+    return 1.0
+
+
+def union_graph_torch(knn: KnnGraph, *, weighted: bool = False) -> Graph:
+    """Reference union graph of kNN lists [N, K]: i~j if j is among i's k nearest or i among j's, the pair's
+    squared distance the smaller of its two directed ones. Unit weights, or exp(-d^2/sigma^2) with sigma^2 from
+    :func:`edge_bandwidth`."""
     n, k = knn.idx.shape
     src = torch.arange(n, device=knn.idx.device).repeat_interleave(k)
     dst = knn.idx.reshape(-1)
@@ -65,12 +77,7 @@ def union_graph(knn: KnnGraph, *, weighted: bool = False) -> Graph:
     # the same pair seen from both ends has the same distance up to rounding: keep the smaller
     ud2 = torch.full((ukey.numel(),), float("inf"), dtype=torch.float64, device=key.device)
     ud2.scatter_reduce_(0, inv, d2, reduce="amin")
-    if weighted:
-        sigma2 = float(torch.median(ud2))
-        sigma2 = sigma2 if sigma2 > 0 else 1.0
-        w = torch.exp(-ud2 / sigma2)
-    else:
-        w = torch.ones_like(ud2)
+    w = torch.exp(-ud2 / edge_bandwidth(ud2)) if weighted else torch.ones_like(ud2)
     return Graph(n, ukey // n, ukey % n, w, ud2)
 
 
@@ -91,9 +98,11 @@ def components(g: Graph) -> tuple[int, torch.Tensor]:
     return int(roots.numel()), labels
 
 
-def connect(g: Graph, dist: SqDist, *, weighted: bool = False) -> Graph:
-    """Join the components of ``g`` with the minimum spanning tree of the component graph whose edge
-    weights are the shortest inter-component distances (kNN u MST, restricted to the missing edges).
+def connect(g: Graph, dist: SqDist, *, weighted: bool = False, name: str = "graph") -> Graph:
+    """``g`` made connected: its components joined by the minimum spanning tree of the component graph whose
+    edge weights are the shortest inter-component distances in ``dist`` (kNN u MST, restricted to the missing
+    edges). A repaired graph records ``repairs = {"components_before", "edges_added"}`` and the repair issues a
+    NumericalWarning naming ``name``; a connected ``g`` is returned as is.
 
     Costs one more blocked pass over the distances, only when ``g`` is disconnected.
     """
@@ -144,51 +153,9 @@ def connect(g: Graph, dist: SqDist, *, weighted: bool = False) -> Graph:
     dev = g.row.device
     ar, ac = torch.tensor(add_r, device=dev), torch.tensor(add_c, device=dev)
     ad = torch.tensor(add_d, dtype=torch.float64, device=dev)
-    if weighted:
-        sigma2 = float(torch.median(g.sqdist))
-        aw = torch.exp(-ad / (sigma2 if sigma2 > 0 else 1.0))
-    else:
-        aw = torch.ones_like(ad)
+    aw = torch.exp(-ad / edge_bandwidth(g.sqdist)) if weighted else torch.ones_like(ad)
+    warn_numerical(f"{name} had {ncomp} components; added {len(add_r)} minimum-spanning-tree edges to connect it")
     order2 = torch.argsort(torch.cat([g.row, ar]) * g.n + torch.cat([g.col, ac]))
     return Graph(g.n, torch.cat([g.row, ar])[order2], torch.cat([g.col, ac])[order2],
                  torch.cat([g.weight, aw])[order2], torch.cat([g.sqdist, ad])[order2],
                  {"components_before": ncomp, "edges_added": len(add_r)})
-
-
-def laplacian_csr(g: Graph, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Combinatorial Laplacian L = D - W of ``g`` as a sparse CSR tensor (diagonal included)."""
-    n, dev = g.n, g.row.device
-    ar = torch.arange(n, device=dev)
-    rows = torch.cat([g.row, g.col, ar])
-    cols = torch.cat([g.col, g.row, ar])
-    vals = torch.cat([-g.weight, -g.weight, g.degree()]).to(dtype)
-    order = torch.argsort(rows * n + cols)  # edges are unique, so no coalescing is needed
-    crow = torch.zeros(n + 1, dtype=torch.int64, device=dev)
-    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=n), 0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta": CSR matmul is stable
-        return torch.sparse_csr_tensor(crow, cols[order], vals[order], (n, n))
-
-
-def laplacian_dense(g: Graph, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    w = torch.zeros(g.n, g.n, dtype=dtype, device=g.row.device)
-    w[g.row, g.col] = g.weight.to(dtype)
-    w[g.col, g.row] = g.weight.to(dtype)
-    return torch.diag(w.sum(dim=1)) - w
-
-
-def graph_laplacian(g: Graph, *, dense: bool = False, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Combinatorial Laplacian of ``g``: CSR by default, dense on request."""
-    return laplacian_dense(g, dtype) if dense else laplacian_csr(g, dtype)
-
-
-def laplacian_operator(lap: torch.Tensor, shift: float = 0.0) -> Callable[[torch.Tensor], torch.Tensor]:
-    """X -> (L + shift 1 1^T) X, the torch reference of the dispatched "laplacian_apply" op (LOBPCG's A and
-    B = L_Y + (dbar/N) 1 1^T operators; the Triton backend fuses the rank-one term into its SpMM)."""
-    if shift == 0.0:
-        def mm(v: torch.Tensor) -> torch.Tensor:
-            return lap @ v
-    else:
-        def mm(v: torch.Tensor) -> torch.Tensor:
-            return lap @ v + shift * v.sum(dim=0, keepdim=True)
-    return mm

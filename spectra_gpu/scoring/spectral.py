@@ -1,4 +1,4 @@
-"""Spectral structural importance of one layer's units (algorithm.md section 4).
+"""Spectral structural importance of one layer's units (docs/algorithm.md, section 4).
 
 pre/post signals -> dead-unit filter -> per-unit preprocessing -> exact kNN graphs of both sides (MST-repaired
 if disconnected) -> combinatorial Laplacians -> dominant generalized eigenpairs of L_X u = lam B u with
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,11 +17,12 @@ from typing import Any
 import torch
 
 from .._validation import as_signal, check_choice, check_finite, check_pair, check_sizes
-from ..backends import select
-from ..errors import NumericalWarning
-from ..ops.knn import KnnGraph, SqDist, knn_from_sqdist, knn_graph
-from ..ops.laplacian import Graph, connect, laplacian_dense
-from ..ops.lobpcg import generalized_eigh_dense, relative_residuals
+from ..backends import graph_laplacian, knn_graph, laplacian_operator, lobpcg, union_graph
+from ..errors import ConvergenceWarning, warn_numerical
+from ..ops.graph_laplacian import graph_laplacian_dense
+from ..ops.knn_graph import KnnGraph, SqDist, knn_from_sqdist
+from ..ops.lobpcg import generalized_eigh_dense
+from ..ops.union_graph import Graph, connect
 from ..stats import SignalStats, recall_at_k
 
 DIRECTIONS = ("fwd", "rev", "sym")
@@ -88,19 +88,10 @@ def _dead_mask(std_pre: torch.Tensor, std_post: torch.Tensor, nnz_post: torch.Te
 
 def _build_graph(side: _Side, k: int, weighted: bool, backend: str | None, name: str,
                  diag: dict[str, Any]) -> tuple[Graph, KnnGraph]:
-    if side.rows is not None:
-        knn = knn_graph(side.rows, k, backend=backend)
-    else:
-        knn = knn_from_sqdist(side.dist, k)
-    g = select("union_graph", knn, backend=backend)(knn, weighted=weighted)
-    g = connect(g, side.dist, weighted=weighted)
-    if g.repairs:
-        diag["connectivity"][name] = dict(g.repairs)
-        warnings.warn(f"spectra_gpu.score: {name} graph had {g.repairs['components_before']} components; "
-                      f"added {g.repairs['edges_added']} minimum-spanning-tree edges", NumericalWarning,
-                      stacklevel=4)
-    else:
-        diag["connectivity"][name] = {"components_before": 1, "edges_added": 0}
+    knn = knn_graph(side.rows, k, backend=backend) if side.rows is not None else knn_from_sqdist(side.dist, k)
+    g = connect(union_graph(knn, weighted=weighted, backend=backend), side.dist, weighted=weighted,
+                name=f"spectra_gpu.score: {name} graph")
+    diag["connectivity"][name] = dict(g.repairs) if g.repairs else {"components_before": 1, "edges_added": 0}
     return g, knn
 
 
@@ -112,15 +103,15 @@ def _solve(gx: Graph, gy: Graph, s: int, solver: str, tol: float, maxiter: int, 
     c = float(deg_y.mean()) / n
     use_dense = solver == "dense" or (solver == "auto" and (n <= DENSE_MAX_N or 3 * (s + max(4, s // 4)) > n))
     if use_dense:
-        lx = laplacian_dense(gx)
-        b = laplacian_dense(gy) + c
+        lx = graph_laplacian_dense(gx)
+        b = graph_laplacian_dense(gy) + c
         res = generalized_eigh_dense(lx, b, s)
         diag["solver"] = {"name": "dense", "iterations": 0, "converged": True}
     else:
-        lx = select("graph_laplacian", gx, backend=backend)(gx)
-        ly = select("graph_laplacian", gy, backend=backend)(gy)
-        amul = select("laplacian_apply", lx, backend=backend)(lx)
-        bmul = select("laplacian_apply", ly, backend=backend)(ly, c)  # (L_Y + c 1 1^T) v
+        lx = graph_laplacian(gx, backend=backend)
+        ly = graph_laplacian(gy, backend=backend)
+        amul = laplacian_operator(lx, backend=backend)
+        bmul = laplacian_operator(ly, c, backend=backend)  # (L_Y + c 1 1^T) v
 
         jac = (1.0 / (deg_y + c))[:, None]
         w = _damping(bmul, jac, c, seed)
@@ -130,13 +121,13 @@ def _solve(gx: Graph, gy: Graph, s: int, solver: str, tol: float, maxiter: int, 
             z = r * jac
             return 2 * z - w * (jac * bmul(z))
 
-        res = select("lobpcg", lx, backend=backend)(amul, s, bmul, m=prec, n=n, tol=tol, maxiter=maxiter, seed=seed,
-                                                     device=lx.device, warn=False)
+        res = lobpcg(amul, s, bmul, m=prec, n=n, tol=tol, maxiter=maxiter, seed=seed, device=lx.device, warn=False,
+                     backend=backend)
         diag["solver"] = {"name": "lobpcg", "iterations": res.iterations, "converged": res.converged}
         if not res.converged:
-            warnings.warn(f"spectra_gpu.score: LOBPCG did not converge in {maxiter} iterations (max relative "
-                          f"residual {float(res.residuals.max()):.2e} > {tol:.1e}); scores use the best iterate",
-                          NumericalWarning, stacklevel=4)
+            warn_numerical(f"spectra_gpu.score: LOBPCG did not converge in {maxiter} iterations (max relative "
+                           f"residual {float(res.residuals.max()):.2e} > {tol:.1e}); scores use the best iterate",
+                           ConvergenceWarning)
     diag["residual_max"] = float(res.residuals.max())
     return res.eigenvalues, res.eigenvectors
 
@@ -146,8 +137,8 @@ def _damping(bmul: Callable[[torch.Tensor], torch.Tensor], jac: torch.Tensor, c:
     J^(1/2) (2I - w M) J^(1/2): SPD iff w mu_max(M) < 2, and best (condition of the preconditioned pencil
     halved against Jacobi) at w = 1 / mu_max. mu_max <= 2 + c sum(J) (L_Y <= 2 D_Y <= 2 J^-1, plus the rank-one
     term), so w = 1 / max(mu_est, bound / 1.9), mu_est from 20 power steps, is always SPD. The undamped
-    2J - JBJ (w = 1) is indefinite when mu_max > 2: SmolLM2 FFN layers after a few pruning rounds, where
-    LOBPCG then failed to converge in 1000 iterations (22 with the damping)."""
+    2J - JBJ (w = 1) is indefinite when mu_max > 2 (hub-dominated, nearly bipartite kNN graphs), where LOBPCG
+    without the damping can fail to converge; a NumericalWarning says so when mu_est >= 2 proves it."""
     bound = 2.0 + c * float(jac.sum())
     sj = jac.sqrt()
     v = torch.randn(jac.shape[0], 1, generator=torch.Generator().manual_seed(seed), dtype=jac.dtype)
@@ -157,13 +148,17 @@ def _damping(bmul: Callable[[torch.Tensor], torch.Tensor], jac: torch.Tensor, c:
         mv = sj * bmul(sj * v)
         mu = float((v * mv).sum() / (v * v).sum())
         v = mv / mv.norm()
-    return 1.0 / max(mu, bound / 1.9)
+    w = 1.0 / max(mu, bound / 1.9)
+    if mu >= 2.0:
+        warn_numerical(f"spectra_gpu.score: the Neumann preconditioner 2J - JBJ would be indefinite (top eigenvalue "
+                       f"of J^1/2 B J^1/2 >= {mu:.3g} >= 2); damped to 2J - w JBJ with w = {w:.3g}")
+    return w
 
 
 def _effective_resistance(gx: Graph, gy: Graph, diag: dict[str, Any]) -> torch.Tensor:
     """Edge score of the 'full' variant: R_eff in G_Y between G_X neighbours, e^T L_Y^+ e (dense)."""
     n = gy.n
-    b = laplacian_dense(gy) + float(gy.degree().mean()) / n
+    b = graph_laplacian_dense(gy) + float(gy.degree().mean()) / n
     binv = torch.cholesky_inverse(torch.linalg.cholesky(b))
     d = torch.diagonal(binv)
     diag["solver"] = {"name": "dense-pinv", "iterations": 0, "converged": True}
@@ -197,7 +192,7 @@ def _direction_scores(gin: Graph, gout: Graph, s: int | str, solver: str, tol: f
 
 def _duplicates(kx: KnnGraph, ky: KnnGraph, units: torch.Tensor, dtype: torch.dtype) -> list[tuple[int, int]]:
     """Pairs that are (numerically) identical on both sides: d^2 below a precision-aware fraction of the
-    median kNN d^2 (spec: d < 1e-8 median d; fp32 cannot resolve that, so 100 eps relative on d^2)."""
+    median kNN d^2 (docs/algorithm.md: d < 1e-8 median d; fp32 cannot resolve that, so 100 eps relative on d^2)."""
     rel = max(1e-16, 100 * torch.finfo(dtype).eps)
     out: set[tuple[int, int]] = set()
 
@@ -355,4 +350,4 @@ def _sketch_recall(stats: SignalStats, preprocess: str, alive: torch.Tensor, kx:
     return out
 
 
-__all__ = ["ScoreResult", "score", "relative_residuals"]
+__all__ = ["ScoreResult", "score"]

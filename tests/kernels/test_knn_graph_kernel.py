@@ -1,5 +1,5 @@
-"""Fused distance + running top-k kernel vs its torch reference (ops.knn.knn_torch, itself checked against a
-numpy brute force in tests/ops): weird shapes, ties, ragged batches, dtypes, strides, poisoned outputs."""
+"""knn_graph_triton (fused distance + running top-k kernel) vs its torch reference knn_graph_torch (itself checked
+against a numpy brute force in tests/ops): weird shapes, ties, ragged batches, dtypes, strides, poisoned outputs."""
 
 import kernel_fixtures  # skips this module without triton
 import numpy as np
@@ -7,11 +7,21 @@ import pytest
 import torch
 
 from spectra_gpu.kernels import _utils
-from spectra_gpu.kernels.knn import K_MAX, knn_topk, knn_topk_torch
+from spectra_gpu.kernels.knn_graph import K_MAX, knn_graph_triton
+from spectra_gpu.ops.knn_graph import knn_graph_torch
 
 device, poison = kernel_fixtures.device, kernel_fixtures.poison  # CPU-interpreter/CUDA device; poisoned outputs
+SENTINEL = kernel_fixtures.SENTINEL
 
-SENTINEL = torch.iinfo(torch.int64).min
+
+def kernel_lists(x, k, lengths=None, splits=None):
+    g = knn_graph_triton(x, k, lengths, splits=splits)
+    return g.idx, g.sqdist
+
+
+def reference_lists(x, k, lengths=None):
+    g = knn_graph_torch(x, k, lengths)
+    return g.idx, g.sqdist
 
 
 def _assert_written(idx, dist):
@@ -21,9 +31,9 @@ def _assert_written(idx, dist):
 
 def _check_close(x, k, lengths=None, splits=None):
     """Distances match the reference; indices match except where the reference has a near-tie."""
-    idx, dist = knn_topk(x, k, lengths, splits=splits)
+    idx, dist = kernel_lists(x, k, lengths, splits)
     _assert_written(idx, dist)
-    ri, rd = knn_topk_torch(x, k, lengths)
+    ri, rd = reference_lists(x, k, lengths)
     scale = float(rd[torch.isfinite(rd)].max())
     torch.testing.assert_close(dist, rd, rtol=1e-4, atol=1e-5 * scale)
     # the returned distances are the distances of the returned indices (recomputed in fp64)
@@ -36,7 +46,7 @@ def _check_close(x, k, lengths=None, splits=None):
         np.testing.assert_allclose(d3[b, :n], rec, rtol=1e-3, atol=1e-4 * scale)
     diff = (idx != ri).any(dim=-1)
     if bool(diff.any()):  # only acceptable on rows whose k+1 nearest hold a near-tie
-        full = knn_topk_torch(x, min(k + 1, (min(lengths) if lengths else x.shape[-2]) - 1), lengths)[1]
+        full = reference_lists(x, min(k + 1, (min(lengths) if lengths else x.shape[-2]) - 1), lengths)[1]
         gaps = (full[..., 1:] - full[..., :-1]).abs().min(dim=-1).values
         assert bool((gaps[diff] < 1e-4 * scale).all()), f"index mismatch on {int(diff.sum())} tie-free rows"
     return idx, dist
@@ -49,22 +59,23 @@ def _check_close(x, k, lengths=None, splits=None):
     (45, 1, 4),    # D = 1
     (2, 5, 1),     # the smallest layer
 ])
-def test_knn_topk_matches_reference(device, n, d, k):
+def test_knn_graph_triton_matches_reference(device, n, d, k):
     x = torch.randn(n, d, device=device)
     idx, dist = _check_close(x, k)
-    assert idx.shape == dist.shape == (n, k) and idx.dtype == torch.int64 and dist.dtype == torch.float32
+    assert idx.shape == dist.shape == (n, k) and idx.dtype == torch.int64 and dist.dtype == torch.float64
+    assert torch.equal(dist, dist.float().double()), "distances are the kernel's fp32 values"
     assert bool((idx != torch.arange(n, device=device)[:, None]).all()), "a row listed itself"
     assert bool((dist[:, 1:] >= dist[:, :-1]).all()), "neighbours not sorted nearest first"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_knn_topk_half_precision_accumulates_in_fp32(device, dtype):
+def test_knn_graph_triton_half_precision_accumulates_in_fp32(device, dtype):
     x = torch.randn(40, 70, device=device).to(dtype)  # D spans three 32-wide slices
     _check_close(x, 6)
 
 
 @pytest.mark.parametrize("splits", [1, 3])
-def test_knn_topk_ties_and_duplicates_exact(device, splits):
+def test_knn_graph_triton_ties_and_duplicates_exact(device, splits):
     # small integers: every distance is exact in fp32, so ties are real ties and must go to the lower index
     g = torch.Generator().manual_seed(3)
     x = torch.randint(-2, 3, (45, 9), generator=g).float()
@@ -72,25 +83,25 @@ def test_knn_topk_ties_and_duplicates_exact(device, splits):
     x[20] = x[3]  # a triple of identical rows
     x[44] = x[0]
     x = x.to(device)
-    idx, dist = knn_topk(x, 7, splits=splits)  # 3 splits: tied rows 3, 10, 20 and 0, 44 land in different ones
+    idx, dist = kernel_lists(x, 7, splits=splits)  # 3 splits: tied rows 3, 10, 20 and 0, 44 land in different ones
     _assert_written(idx, dist)
-    ri, rd = knn_topk_torch(x, 7)
+    ri, rd = reference_lists(x, 7)
     assert torch.equal(idx, ri) and torch.equal(dist, rd)
     assert idx[3, :2].tolist() == [10, 20] and dist[3, :2].tolist() == [0.0, 0.0]
     assert idx[20, :2].tolist() == [3, 10]
 
 
 @pytest.mark.parametrize("lengths,splits", [([45], 1), ([45, 12, 30], 1), ([45, 12, 30], 4)])
-def test_knn_topk_ragged_batch(device, lengths, splits):
+def test_knn_graph_triton_ragged_batch(device, lengths, splits):
     b = len(lengths)
     g = torch.Generator().manual_seed(4)
     x = torch.randint(-3, 4, (b, 45, 6), generator=g).float()
     for layer, n in enumerate(lengths):
         x[layer, n:] = x[layer, 0]  # padding rows at distance 0 from row 0: picked if the kernel ever read them
     x = x.to(device)
-    idx, dist = knn_topk(x, 5, lengths, splits=splits)  # 4 splits > column tiles of the 12-row layer
+    idx, dist = kernel_lists(x, 5, lengths, splits)  # 4 splits > column tiles of the 12-row layer
     _assert_written(idx, dist)
-    ri, rd = knn_topk_torch(x, 5, lengths)
+    ri, rd = reference_lists(x, 5, lengths)
     assert torch.equal(idx, ri) and torch.equal(dist, rd)
     for layer, n in enumerate(lengths):
         assert bool((idx[layer, :n] < n).all())
@@ -98,13 +109,13 @@ def test_knn_topk_ragged_batch(device, lengths, splits):
 
 
 @pytest.mark.parametrize("splits", [1, 2])
-def test_knn_topk_ragged_batch_random_floats(device, splits):
+def test_knn_graph_triton_ragged_batch_random_floats(device, splits):
     x = torch.randn(2, 70, 24, device=device)
     _check_close(x, 3, [70, 17], splits=splits)
 
 
 @pytest.mark.parametrize("layout", ["sliced", "transposed", "batch-transposed"])
-def test_knn_topk_non_contiguous(device, layout):
+def test_knn_graph_triton_non_contiguous(device, layout):
     if layout == "sliced":
         x = torch.randn(30, 40, device=device)[:, ::2]
     elif layout == "transposed":
@@ -115,33 +126,33 @@ def test_knn_topk_non_contiguous(device, layout):
     _check_close(x, 4)
 
 
-def test_knn_topk_poison_is_live():
+def test_knn_graph_triton_poison_is_live():
     _utils.POISON = True  # the autouse fixture already set it; allocation must then be poisoned
     assert torch.isnan(_utils.alloc([3], torch.float32, torch.device("cpu"))).all()
     assert (_utils.alloc([3], torch.int64, torch.device("cpu")) == SENTINEL).all()
 
 
-def test_knn_topk_validates_inputs(device):
+def test_knn_graph_triton_validates_inputs(device):
     x = torch.randn(10, 4, device=device)
     with pytest.raises(ValueError, match="k: expected"):
-        knn_topk(x, 10)
+        knn_graph_triton(x, 10)
     with pytest.raises(ValueError, match="k: expected"):
-        knn_topk(x, 0)
+        knn_graph_triton(x, 0)
     with pytest.raises(ValueError, match=r"k: expected an int in \[1, 128\]"):
-        knn_topk(torch.randn(K_MAX + 2, 2, device=device), K_MAX + 1)
+        knn_graph_triton(torch.randn(K_MAX + 2, 2, device=device), K_MAX + 1)
     with pytest.raises(TypeError, match="dtype"):
-        knn_topk(x.double(), 3)
+        knn_graph_triton(x.double(), 3)
     with pytest.raises(ValueError, match="2-D or 3-D"):
-        knn_topk(x[0], 3)
+        knn_graph_triton(x[0], 3)
     with pytest.raises(ValueError, match="lengths"):
-        knn_topk(x[None], 3, [11])
+        knn_graph_triton(x[None], 3, [11])
     with pytest.raises(ValueError, match="smallest layer"):
-        knn_topk(torch.randn(2, 10, 4, device=device), 3, [10, 3])
+        knn_graph_triton(torch.randn(2, 10, 4, device=device), 3, [10, 3])
     bad = x.clone()
     bad[2, 1] = float("inf")
     with pytest.raises(ValueError, match="splits"):
-        knn_topk(x, 3, splits=0)
+        knn_graph_triton(x, 3, splits=0)
     with pytest.raises(ValueError, match="finite"):
-        knn_topk(bad, 3)
+        knn_graph_triton(bad, 3)
     with pytest.raises(TypeError, match="torch.Tensor"):
-        knn_topk(x.cpu().numpy(), 3)
+        knn_graph_triton(x.cpu().numpy(), 3)

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import spectra_gpu as sg
-from spectra_gpu.kernels import knn as kknn
-from spectra_gpu.kernels import laplacian as klap
+from spectra_gpu.kernels import graph_laplacian, knn_graph, laplacian_apply, union_graph
 
 device, poison = kernel_fixtures.device, kernel_fixtures.poison  # CPU-interpreter/CUDA device; poisoned outputs
 
@@ -21,7 +20,7 @@ def relu_layer(n, m, seed):
 
 @pytest.fixture
 def calls(monkeypatch):
-    counts = {"knn_topk": 0, "union_csr": 0, "laplacian_apply": 0}
+    counts = {"knn_graph_triton": 0, "union_csr": 0, "graph_laplacian_triton": 0, "laplacian_apply_triton": 0}
 
     def counted(mod, name):
         fn = getattr(mod, name)
@@ -32,9 +31,10 @@ def calls(monkeypatch):
 
         monkeypatch.setattr(mod, name, wrapper)
 
-    counted(kknn, "knn_topk")
-    counted(klap, "union_csr")
-    counted(klap, "laplacian_apply")
+    counted(knn_graph, "knn_graph_triton")
+    counted(union_graph, "union_csr")
+    counted(graph_laplacian, "graph_laplacian_triton")
+    counted(laplacian_apply, "laplacian_apply_triton")
     return counts
 
 
@@ -47,9 +47,10 @@ def test_score_triton_matches_torch(device, calls, solver, n, kwargs):
     pre, post = pre.to(device), post.to(device)
     ref = sg.score(pre, post, k=5, num_eigs=8, solver=solver, backend="torch", **kwargs)
     res = sg.score(pre, post, k=5, num_eigs=8, solver=solver, backend="triton", **kwargs)
-    assert calls["knn_topk"] == 2 and calls["union_csr"] >= 2
+    assert calls["knn_graph_triton"] == 2 and calls["union_csr"] >= 2
     if solver == "lobpcg":
-        assert calls["laplacian_apply"] > 0 and res.diagnostics["solver"]["converged"]
+        assert calls["graph_laplacian_triton"] == 2 and calls["laplacian_apply_triton"] > 0
+        assert res.diagnostics["solver"]["converged"]
     assert res.diagnostics["solver"]["name"] == ref.diagnostics["solver"]["name"] == solver
     assert torch.equal(res.neighbors, ref.neighbors)
     # unit weights depend only on the neighbour sets (fp64 rounding apart); exp(-d^2/sigma^2) weights inherit
@@ -63,6 +64,6 @@ def test_score_env_var_selects_triton(device, calls, monkeypatch):
     pre, post = relu_layer(40, 32, seed=2)
     monkeypatch.setenv("SPECTRA_GPU_BACKEND", "triton")
     res = sg.score(pre.to(device), post.to(device), k=4, num_eigs=4)
-    assert calls["knn_topk"] == 2
+    assert calls["knn_graph_triton"] == 2
     ref = sg.score(pre.to(device), post.to(device), k=4, num_eigs=4, backend="torch")
     torch.testing.assert_close(res.scores, ref.scores, rtol=1e-6, atol=1e-8)

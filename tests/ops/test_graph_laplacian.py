@@ -1,13 +1,17 @@
-import math
-import warnings
+"""graph_laplacian: the torch reference (CSR and dense) against known spectra and D - W, and the public op's
+boundary checks."""
 
-import numpy as np
+import math
+
 import pytest
 import torch
 
 import spectra_gpu as sg
-from spectra_gpu.ops.knn import SqDist, knn_torch
-from spectra_gpu.ops.laplacian import Graph, components, connect, laplacian_csr, laplacian_dense, union_graph
+from spectra_gpu.backends import graph_laplacian
+from spectra_gpu.errors import BackendUnavailableError
+from spectra_gpu.ops.graph_laplacian import graph_laplacian_batched_torch, graph_laplacian_dense, graph_laplacian_torch
+from spectra_gpu.ops.knn_graph import KnnGraph, knn_graph_torch
+from spectra_gpu.ops.union_graph import Graph, union_graph_torch
 
 
 def path_graph(n):
@@ -35,39 +39,42 @@ def test_path_and_cycle_spectra(n):
 
 def test_csr_equals_dense_and_rows_sum_to_zero():
     x = torch.randn(60, 5, dtype=torch.float64)
-    g = union_graph(knn_torch(x, 4), weighted=True)
-    ld = laplacian_dense(g)
-    torch.testing.assert_close(laplacian_csr(g).to_dense(), ld)
+    g = union_graph_torch(knn_graph_torch(x, 4), weighted=True)
+    ld = graph_laplacian_dense(g)
+    torch.testing.assert_close(graph_laplacian_torch(g).to_dense(), ld)
     torch.testing.assert_close(ld.sum(1), torch.zeros(60, dtype=torch.float64))
     assert torch.equal(ld, ld.T)
 
 
-def test_union_symmetrisation():
-    x = torch.randn(40, 3, dtype=torch.float64)
-    knn = knn_torch(x, 3)
-    g = union_graph(knn)
-    w = laplacian_dense(g)
-    adj = (w < 0)
-    for i in range(40):
-        for j in knn.idx[i].tolist():
-            assert adj[i, j] and adj[j, i]
-    assert int(adj.sum()) == 2 * g.num_edges
-    assert bool((g.row < g.col).all())
+def test_public_op_dense_and_dtype():
+    g = union_graph_torch(knn_graph_torch(torch.randn(30, 4, dtype=torch.float64), 3))
+    assert torch.equal(sg.graph_laplacian(g, dense=True), graph_laplacian_dense(g))
+    lap = graph_laplacian(g, dtype=torch.float32, backend="torch")
+    assert lap.layout == torch.sparse_csr and lap.dtype == torch.float32
+    torch.testing.assert_close(lap.to_dense(), graph_laplacian_dense(g, torch.float32))
 
 
-def test_connect_adds_spanning_edges_between_clusters():
-    x = torch.cat([torch.randn(15, 4, dtype=torch.float64), torch.randn(15, 4, dtype=torch.float64) + 100,
-                   torch.randn(10, 4, dtype=torch.float64) - 100])
-    d = SqDist(x)
-    g = union_graph(knn_torch(x, 3))
-    assert components(g)[0] == 3
-    g2 = connect(g, d)
-    assert components(g2)[0] == 1
-    assert g2.repairs == {"components_before": 3, "edges_added": 2}
-    # the added edges are the closest inter-cluster pairs
-    added = set(zip(g2.row.tolist(), g2.col.tolist())) - set(zip(g.row.tolist(), g.col.tolist()))
-    dm = torch.cdist(x, x) ** 2
-    lab = torch.tensor([0] * 15 + [1] * 15 + [2] * 10)
-    best01 = dm[lab == 0][:, lab == 1].min()
-    assert any(abs(float(dm[p, q]) - float(best01)) < 1e-9 or lab[p] == 2 or lab[q] == 2 for p, q in added)
-    assert len(added) == 2
+def test_batched_reference_is_one_csr_per_layer():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 30, 5, generator=g, dtype=torch.float64)
+    knn = knn_graph_torch(x, 4, [30, 17])
+    laps = graph_laplacian_batched_torch(knn, [30, 17], weighted=True)
+    assert [lap.shape for lap in laps] == [(30, 30), (17, 17)]
+    want = graph_laplacian_torch(union_graph_torch(knn_graph_torch(x[1, :17], 4), weighted=True))
+    assert torch.equal(laps[1].to_dense(), want.to_dense())
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda g: sg.graph_laplacian("graph"), TypeError, "g: expected a Graph, got str"),
+    (lambda g: sg.graph_laplacian(g, dtype=torch.int64), TypeError, "floating torch.dtype"),
+    (lambda g: sg.graph_laplacian(g, dense=True, backend="triton"), BackendUnavailableError,
+     "dense=True is built by the torch reference only"),
+    (lambda g: sg.graph_laplacian(g, backend="nope"), BackendUnavailableError, "unknown backend 'nope'"),
+])
+def test_graph_laplacian_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call(path_graph(4))
+
+
+def test_knn_graph_type_is_reused_for_batches():
+    assert KnnGraph(torch.zeros(2, 5, 3, dtype=torch.int64), torch.zeros(2, 5, 3)).k == 3

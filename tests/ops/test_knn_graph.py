@@ -1,9 +1,12 @@
+"""knn_graph: the torch reference against a numpy brute force (ties, Gram path, batches) and the public op's
+boundary checks."""
+
 import numpy as np
 import pytest
 import torch
 
 import spectra_gpu as sg
-from spectra_gpu.ops.knn import SqDist, knn_from_sqdist, knn_torch
+from spectra_gpu.ops.knn_graph import SqDist, knn_from_sqdist, knn_graph_torch, knn_symmetric
 
 
 def brute(x, k):
@@ -37,7 +40,7 @@ def test_knn_ties_go_to_lower_index():
 
 def test_knn_from_gram_equals_rows():
     x = torch.randn(80, 20, dtype=torch.float64)
-    a = knn_torch(x, 5)
+    a = knn_graph_torch(x, 5)
     b = knn_from_sqdist(SqDist(gram=x @ x.T), 5)
     assert torch.equal(a.idx, b.idx)
     torch.testing.assert_close(a.sqdist, b.sqdist)
@@ -72,11 +75,25 @@ def test_knn_bad_input(bad, exc, match):
 @pytest.mark.parametrize("block", [1, 4, 7, 64])
 @pytest.mark.parametrize("k", [1, 3, 22])
 def test_symmetric_blocked_knn_matches_brute_force_with_ties(block, k):
-    from spectra_gpu.ops.knn import knn_symmetric
-
     g = torch.Generator().manual_seed(block * 31 + k)
     x = torch.randint(0, 3, (23, 2), generator=g).double()  # a 3x3 grid: many duplicates and equal distances
     got = knn_symmetric(SqDist(x), k, block=block)
     idx, d2 = brute(x, k)
     np.testing.assert_array_equal(got.idx.numpy(), idx)
     np.testing.assert_allclose(got.sqdist.numpy(), d2)
+
+
+def test_batched_reference_pads_and_matches_each_layer():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 20, 4, generator=g, dtype=torch.float64)
+    got = knn_graph_torch(x, 3, [20, 7, 12])
+    assert got.idx.shape == got.sqdist.shape == (3, 20, 3) and got.k == 3
+    for b, n in enumerate([20, 7, 12]):
+        idx, d2 = brute(x[b, :n], 3)
+        np.testing.assert_array_equal(got.idx[b, :n].numpy(), idx)
+        np.testing.assert_allclose(got.sqdist[b, :n].numpy(), d2)
+        assert bool((got.idx[b, n:] == -1).all()) and bool(torch.isinf(got.sqdist[b, n:]).all())
+    flat = knn_graph_torch(x[0], 3)
+    assert torch.equal(knn_graph_torch(x[:1], 3).idx[0], flat.idx)
+    with pytest.raises(ValueError, match=r"lengths: expected every row count in \[2, N=20\]"):
+        knn_graph_torch(x, 3, [20, 1, 5])

@@ -1,11 +1,16 @@
+"""lobpcg and the dense solver: the torch reference against scipy's generalized eigh, its warnings (jitter,
+non-convergence) and the public op's boundary checks."""
+
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
 
 import spectra_gpu as sg
-from spectra_gpu.ops.knn import knn_torch
-from spectra_gpu.ops.laplacian import laplacian_csr, laplacian_dense, union_graph
+from spectra_gpu.ops.graph_laplacian import graph_laplacian_dense, graph_laplacian_torch
+from spectra_gpu.ops.knn_graph import knn_graph_torch
+from spectra_gpu.ops.lobpcg import cholesky_jitter, lobpcg_torch
+from spectra_gpu.ops.union_graph import union_graph_torch
 
 
 def pencil(n, seed=0):
@@ -45,14 +50,14 @@ def test_lobpcg_laplacian_pencil_csr_with_callables():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(400, 12, generator=g, dtype=torch.float64)
     y = torch.relu(x @ torch.randn(12, 12, generator=g, dtype=torch.float64))
-    gx, gy = union_graph(knn_torch(x, 8)), union_graph(knn_torch(y + 1e-3 * x, 8))
-    lx, ly = laplacian_csr(gx), laplacian_csr(gy)
+    gx, gy = union_graph_torch(knn_graph_torch(x, 8)), union_graph_torch(knn_graph_torch(y + 1e-3 * x, 8))
+    lx, ly = graph_laplacian_torch(gx), graph_laplacian_torch(gy)
     n = 400
     c = float(gy.degree().mean()) / n
-    b_dense = laplacian_dense(gy) + c
+    b_dense = graph_laplacian_dense(gy) + c
     res = sg.lobpcg(lx, 8, lambda v: ly @ v + c * v.sum(0, keepdim=True), n=n, tol=1e-8, maxiter=3000)
     assert res.converged
-    check_pairs(laplacian_dense(gx), b_dense, res, 8)
+    check_pairs(graph_laplacian_dense(gx), b_dense, res, 8)
 
 
 def test_lobpcg_warns_when_not_converged():
@@ -72,3 +77,41 @@ def test_not_psd_b_raises():
     a, _ = pencil(6)
     with pytest.raises(sg.NotPSDError):
         sg.generalized_eigh_dense(a, -torch.eye(6, dtype=torch.float64), 2)
+
+
+def test_jitter_ladder_warns_and_keeps_the_factor():
+    a, b = pencil(8, seed=4)
+    assert torch.equal(cholesky_jitter(b), torch.linalg.cholesky(b))  # SPD: no jitter, no warning
+    singular = torch.ones(5, 5, dtype=torch.float64)  # rank one: PSD, not PD
+    with pytest.warns(sg.NumericalWarning, match="not positive definite in torch.float64; added 1e-12 x mean diag"):
+        r = cholesky_jitter(singular)
+    torch.testing.assert_close(r @ r.T, singular + 1e-12 * torch.eye(5, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_non_convergence_warning_is_a_numerical_warning_pointing_at_the_caller():
+    a, b = pencil(90, seed=2)
+    with pytest.warns(sg.NumericalWarning) as rec:
+        sg.lobpcg(a, 4, b, tol=1e-14, maxiter=2)
+    assert rec[0].category is sg.ConvergenceWarning and rec[0].filename == __file__
+
+
+def test_public_op_is_the_reference_on_cpu():
+    a, b = pencil(60, seed=3)
+    ref = lobpcg_torch(a, 3, b, tol=1e-9, maxiter=500)
+    got = sg.lobpcg(a, 3, b, tol=1e-9, maxiter=500)
+    assert torch.equal(got.eigenvalues, ref.eigenvalues) and got.iterations == ref.iterations
+    got = sg.lobpcg(lambda v: a @ v, 3, b, n=60, tol=1e-9, maxiter=500, backend="torch")
+    assert torch.equal(got.eigenvalues, ref.eigenvalues)
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda a, b: sg.lobpcg("a", 2, b), TypeError, "a: expected a matrix or a callable"),
+    (lambda a, b: sg.lobpcg(a, 2, b, tol=0), ValueError, "tol: expected a positive float"),
+    (lambda a, b: sg.lobpcg(lambda v: a @ v, 2, b), ValueError, "give n"),
+    (lambda a, b: sg.lobpcg(a, 2.0, b), TypeError, "k: expected an int"),
+    (lambda a, b: sg.lobpcg(a, 0, b), ValueError, "1 <= k <= block"),
+])
+def test_lobpcg_bad_input(call, exc, match):
+    a, b = pencil(40)
+    with pytest.raises(exc, match=match):
+        call(a, b)
