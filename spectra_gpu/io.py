@@ -2,19 +2,33 @@
 
 A saved directory holds ``model.safetensors`` (the sliced tensors; tied/shared tensors stored once),
 ``spectra.json`` (format marker, model class, every group's kind and width: per-layer FFN widths, query
-and KV heads) and, for Hugging Face models, ``config.json`` with the same record under ``spectra_pruned``,
-``generation_config.json`` and the tokenizer files when one is given.
+and KV heads; whether the folder is standard), for Hugging Face models ``config.json`` and
+``generation_config.json``, and the tokenizer files when one is given.
 
-Loading builds the unpruned architecture (Hugging Face: the transformers class named in the record, from
+Standard folders: when a Hugging Face model's pruned widths are uniform across layers (one FFN width, one
+query-head and one KV-head count in every layer), ``config.json``'s own fields (``intermediate_size``,
+``num_attention_heads``, ``num_key_value_heads``, an explicit ``head_dim``, on the text config of multimodal
+configs) are rewritten to describe the pruned model, and the rewrite is verified by building the class from it
+on the meta device and comparing every tensor shape. Such a folder loads with plain
+``transformers.AutoModel*.from_pretrained`` / ``pipeline`` in a process that never imports spectra_gpu.
+Otherwise (widths differ across layers, or the architecture cannot express the pruned shapes, e.g. BERT,
+whose head size is ``hidden_size / num_attention_heads``) ``config.json`` keeps the unpruned architecture plus
+the width record under ``spectra_pruned`` and only ``load_pruned`` rebuilds it; ``is_standard`` and
+``loader_hint`` tell which (spectra.json keeps the reason).
+
+Loading builds the architecture (Hugging Face: the transformers class named in the record, from
 ``config.json``, without random initialisation; plain ``nn.Module``: the caller passes a fresh instance,
 e.g. ``load_pruned(d, model=Net())``, because the class is not pickled), reshapes every Linear / Conv2d /
 BatchNorm / LayerNorm / Embedding whose saved tensors are smaller, recomputes attention head counts from the
-q/k/v shapes, loads the tensors, and checks the widths against the record. The directory is written to a
-temporary sibling and moved into place, so a crash never leaves a half-written model.
+q/k/v shapes, loads the tensors, and checks the widths against the record. A folder written by
+``save_pretrained`` of a model that ``load_pruned`` rebuilt loads again (the record then comes from
+``config.json``). The directory is written to a temporary sibling and moved into place, so a crash never
+leaves a half-written model.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -31,6 +45,17 @@ from .units import UnitGroup, discover_groups
 FORMAT_VERSION = 1
 _RECORD = "spectra.json"
 _WEIGHTS = "model.safetensors"
+
+
+def _config(model: nn.Module) -> Any:
+    """A Hugging Face model's config (untyped: transformers is not analysed)."""
+    return model.config
+
+
+def _tie(model: nn.Module) -> None:
+    tie = getattr(model, "tie_weights", None)
+    if callable(tie):
+        tie()
 
 
 def _is_hf(model: nn.Module) -> bool:
@@ -70,8 +95,67 @@ def _replace_dir(tmp: Path, dest: Path) -> None:
         os.replace(tmp, dest)
 
 
+def _uniform(values: list[int], what: str) -> tuple[int | None, str]:
+    distinct = sorted(set(values))
+    if len(distinct) > 1:
+        return None, f"{what} differ across layers ({distinct[0]}..{distinct[-1]})"
+    return (distinct[0] if distinct else None), ""
+
+
+def _state_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def standard_config(model: nn.Module) -> tuple[Any, str]:
+    """``(config, "")``: a copy of a Hugging Face ``model.config`` whose standard width fields describe the
+    model's current (pruned) shapes, verified by building ``type(model)`` from it on the meta device; or
+    ``(None, reason)`` when widths differ across layers or the architecture's config cannot express them."""
+    if not _is_hf(model):
+        return None, f"{type(model).__name__} is not a Hugging Face model (no config)"
+    groups = _groups(model)
+    cfg: Any = copy.deepcopy(_config(model))
+    cfg.__dict__.pop("spectra_pruned", None)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    ffn, why = _uniform([g.size for g in groups if g.kind == "ffn" and g.arch in ("llama", "bert")], "FFN widths")
+    if why:
+        return None, why
+    heads = [g for g in groups if g.kind == "head" and g.q is not None]
+    n_q, why = _uniform([g.q.out_features // g.head_dim for g in heads], "query-head counts")  # type: ignore[union-attr]
+    if why:
+        return None, why
+    n_kv, why = _uniform([int(g.kv_heads) for g in heads if g.kv_heads is not None], "KV-head counts")
+    if why:
+        return None, why
+    head_dim, _ = _uniform([g.head_dim for g in heads], "head sizes")
+    bert = [g for g in heads if g.arch == "bert"]
+    if bert and n_q is not None and n_q * bert[0].head_dim != getattr(text, "hidden_size", None):
+        return None, (f"{type(model).__name__} derives the head size from hidden_size / num_attention_heads, so its "
+                      f"config cannot describe {n_q} heads of size {bert[0].head_dim}")
+    if ffn is not None:
+        text.intermediate_size = ffn
+    if n_q is not None:
+        text.num_attention_heads = n_q
+    if n_kv is not None:
+        text.num_key_value_heads = n_kv
+        text.head_dim = head_dim  # explicit: hidden_size / num_attention_heads no longer equals it
+    try:
+        with torch.device("meta"):
+            probe = type(model)(cfg)
+    except Exception as e:  # the class rejects the rewritten config (e.g. a divisibility check)
+        return None, f"{type(model).__name__} cannot be built from the rewritten config: {e}"
+    want, got = _state_shapes(model), _state_shapes(probe)
+    bad = [k for k in want if got.get(k) != want[k]]
+    if bad or set(got) - set(want):
+        k = bad[0] if bad else sorted(set(got) - set(want))[0]
+        return None, f"its config cannot describe the pruned shapes: {k} is {want.get(k)} but the config builds " \
+                     f"{got.get(k)}"
+    return cfg, ""
+
+
 def save_pruned(model: nn.Module, directory: str | os.PathLike[str], tokenizer: Any = None) -> Path:
-    """Write ``model`` (pruned or not) to ``directory`` (replaced atomically); returns the path."""
+    """Write ``model`` (pruned or not) to ``directory`` (replaced atomically); returns the path. Hugging Face
+    models with uniform widths get a standard ``config.json`` (module docstring); ``is_standard(path)`` /
+    ``loader_hint(path)`` say which loader the folder needs."""
     from safetensors.torch import save_model
 
     if not isinstance(model, nn.Module):
@@ -79,18 +163,23 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike[str], tokenizer: 
     dest = Path(directory).resolve()
     dest.parent.mkdir(parents=True, exist_ok=True)
     hf = _is_hf(model)
-    record = {"version": FORMAT_VERSION, "format": "hf" if hf else "torch",
-              "class": f"{type(model).__module__}.{type(model).__qualname__}", "class_name": type(model).__name__,
-              "groups": widths(model)}
+    record: dict[str, Any] = {
+        "version": FORMAT_VERSION, "format": "hf" if hf else "torch",
+        "class": f"{type(model).__module__}.{type(model).__qualname__}", "class_name": type(model).__name__,
+        "groups": widths(model)}
+    std_cfg, reason = standard_config(model) if hf else (None, "")
     if hf:  # the attention kernel changes float rounding: reload with the one the model ran with
-        record["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
+        record["attn_implementation"] = getattr(_config(model), "_attn_implementation", None)
+        record["standard"], record["standard_reason"] = std_cfg is not None, reason
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         save_model(model, str(tmp / _WEIGHTS), metadata={"format": "pt"})
         (tmp / _RECORD).write_text(json.dumps(record, indent=1))
         if hf:
-            cfg = model.config.to_dict()
-            cfg["spectra_pruned"] = record
+            cfg = (std_cfg if std_cfg is not None else _config(model)).to_dict()
+            cfg.pop("spectra_pruned", None)
+            if std_cfg is None:
+                cfg["spectra_pruned"] = record
             cfg["architectures"] = [type(model).__name__]
             (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
             gen = getattr(model, "generation_config", None)
@@ -107,12 +196,41 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike[str], tokenizer: 
 
 def _read_record(d: Path) -> dict[str, Any]:
     path = d / _RECORD
-    if not path.exists():
+    if path.exists():
+        rec = json.loads(path.read_text())
+    elif (d / "config.json").exists() and "spectra_pruned" in (cfg := json.loads((d / "config.json").read_text())):
+        rec = cfg["spectra_pruned"]  # save_pretrained of a model that load_pruned rebuilt
+    else:
         raise FileNotFoundError(f"load_pruned: expected {path} (a directory written by spectra_gpu.save_pruned)")
-    rec = json.loads(path.read_text())
     if rec.get("version") != FORMAT_VERSION:
         raise ValueError(f"load_pruned: expected format version {FORMAT_VERSION}, got {rec.get('version')!r}")
     return dict(rec)
+
+
+def is_standard(directory: str | os.PathLike[str]) -> bool:
+    """True when ``directory`` (written by ``save_pruned``) loads with plain transformers ``from_pretrained``."""
+    return bool(_read_record(Path(directory)).get("standard", False))
+
+
+_AUTO_SUFFIXES = ("ForCausalLM", "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification",
+                  "ForQuestionAnswering", "ForImageClassification")
+
+
+def loader_hint(directory: str | os.PathLike[str]) -> str:
+    """One line saying which loader a folder written by ``save_pruned`` needs, and why."""
+    d = Path(directory)
+    rec = _read_record(d)
+    if rec["format"] != "hf":
+        return (f"{d}: a plain torch module ({rec['class_name']}); reload with spectra_gpu.load_pruned({str(d)!r}, "
+                f"model=<a fresh {rec['class_name']}>)")
+    if rec.get("standard"):
+        name = rec["class_name"]
+        auto = next((f"AutoModel{s}" for s in _AUTO_SUFFIXES if name.endswith(s)), "AutoModel")
+        return (f"{d}: standard Hugging Face folder; loads without spectra_gpu: "
+                f"transformers.{auto}.from_pretrained({str(d)!r})")
+    why = rec.get("standard_reason") or "saved before standard configs existed"
+    return (f"{d}: not a standard Hugging Face folder ({why}); reload with spectra_gpu.load_pruned({str(d)!r}), "
+            f"plain transformers cannot build it")
 
 
 def _build_hf(d: Path, rec: dict[str, Any]) -> nn.Module:
@@ -126,12 +244,12 @@ def _build_hf(d: Path, rec: dict[str, Any]) -> nn.Module:
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # transformers 4.x
-        from transformers.modeling_utils import no_init_weights  # type: ignore[no-redef,attr-defined]
+        from transformers.modeling_utils import no_init_weights
     config = AutoConfig.from_pretrained(str(d))
     if rec.get("attn_implementation"):
         config._attn_implementation = rec["attn_implementation"]
     with no_init_weights():
-        return cls(config)  # type: ignore[no-any-return]
+        return cls(config)
 
 
 def _sync(mod: nn.Module, path: str) -> None:
@@ -143,7 +261,7 @@ def _sync(mod: nn.Module, path: str) -> None:
         mod.in_channels = int(mod.weight.shape[1]) * mod.groups
     elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
         ref = mod.weight if mod.weight is not None else mod.running_mean
-        mod.num_features = int(ref.shape[0])  # type: ignore[union-attr]
+        mod.num_features = int(ref.shape[0])
     elif isinstance(mod, nn.LayerNorm):
         mod.normalized_shape = tuple(int(s) for s in mod.weight.shape)
     elif isinstance(mod, nn.Embedding):
@@ -182,14 +300,16 @@ def _fix_heads(model: nn.Module) -> None:
             continue
         hd = g.head_dim
         heads = g.q.out_features // hd
+        attn: Any = g.attn
         if g.arch == "bert":
-            g.attn.num_attention_heads = heads
-            g.attn.all_head_size = heads * hd
+            attn.num_attention_heads = heads
+            attn.all_head_size = heads * hd
         elif g.arch == "llama":
-            g.attn.num_key_value_groups = heads // (g.k.out_features // hd)
+            attn.num_key_value_groups = heads // (g.k.out_features // hd)
     for m in model.modules():
-        if hasattr(m, "gate_proj") and hasattr(m, "intermediate_size") and isinstance(m.gate_proj, nn.Linear):
-            m.intermediate_size = m.gate_proj.out_features
+        mlp: Any = m
+        if hasattr(mlp, "gate_proj") and hasattr(mlp, "intermediate_size") and isinstance(mlp.gate_proj, nn.Linear):
+            mlp.intermediate_size = mlp.gate_proj.out_features
 
 
 def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
@@ -207,8 +327,7 @@ def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = Non
         model = _build_hf(d, rec)
     elif not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module or None, got {type(model).__name__}")
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()  # so tied names alias one parameter before the (deduplicated) tensors load
+    _tie(model)  # so tied names alias one parameter before the (deduplicated) tensors load
     sd = load_file(str(d / _WEIGHTS))
     dtypes = Counter(t.dtype for t in sd.values() if t.is_floating_point())
     if dtypes:
@@ -220,9 +339,10 @@ def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = Non
     if missing or unexpected:
         raise ValueError(f"load_pruned: saved tensors do not match {type(model).__name__}: missing {missing[:8]}, "
                          f"unexpected {unexpected[:8]}")
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
+    _tie(model)
     _fix_heads(model)
+    if rec["format"] == "hf" and not rec.get("standard") and hasattr(model, "config"):
+        _config(model).spectra_pruned = rec  # so save_pretrained writes a folder load_pruned reads again
     got = widths(model)
     bad = {k: (v, got.get(k)) for k, v in rec["groups"].items() if got.get(k) != v}
     if bad:

@@ -1,4 +1,4 @@
-"""The real packaged models (environment.md): MiniLM (BERT) and SmolLM2-135M (Llama, GQA 9/3).
+"""The real packaged models (spectra_gpu.builtin.zoo): MiniLM (BERT) and SmolLM2-135M (Llama, GQA 9/3).
 Masking == physical removal, spec parameter accounting, capture with padding, generate, save/reload."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 
 from spectra_gpu import capture, count_params, discover_groups, load_pruned, masked, remove_units, save_pruned, score
 from spectra_gpu.builtin import zoo
-from spectra_gpu.io import load_tokenizer
+from spectra_gpu.io import is_standard, load_tokenizer, loader_hint
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,7 @@ def test_minilm_removal_equals_masking_and_roundtrip(minilm, sentences, tmp_path
     n_ffn, n_heads = 512 + 700, 4 + 11
     assert p0 - count_params(pruned) == n_ffn * (384 + 1 + 384) + n_heads * (4 * 384 * 32 + 3 * 32)
     d = save_pruned(pruned, tmp_path / "minilm", tokenizer=tok)
+    assert not is_standard(d) and "FFN widths differ across layers" in loader_hint(d)  # only 2 of 6 layers pruned
     back = load_pruned(d)
     with torch.no_grad():
         torch.testing.assert_close(back(**batch).last_hidden_state, got, rtol=0, atol=0)
@@ -115,6 +116,7 @@ def test_smollm2_removal_equals_masking_generate_and_roundtrip(smollm2, tmp_path
         g_got = pruned.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
     assert g_got.tolist() == g_want.tolist()
     out = save_pruned(pruned, tmp_path / "smol", tokenizer=tok)
+    assert not is_standard(out) and "spectra_gpu.load_pruned" in loader_hint(out)  # widths differ across layers
     back = load_pruned(out)
     with torch.no_grad():
         torch.testing.assert_close(back(**batch).logits, got, rtol=0, atol=0)

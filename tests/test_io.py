@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from spectra_gpu import count_params, discover_groups, load_pruned, remove_units, save_pruned
+from spectra_gpu.io import is_standard, loader_hint
 
 
 def _prune_some(m, gqa="query"):
@@ -24,8 +25,16 @@ def test_hf_roundtrip_same_outputs_and_widths(tmp_path, build, gqa):
     _prune_some(m, gqa)
     d = save_pruned(m, tmp_path / "pruned")
     cfg = json.loads((d / "config.json").read_text())
-    rec = cfg["spectra_pruned"]["groups"]
-    assert rec == json.loads((d / "spectra.json").read_text())["groups"]
+    rec = json.loads((d / "spectra.json").read_text())["groups"]
+    # uniform Llama widths: standard config fields; BERT's config cannot describe removed heads: the record
+    standard = build is not am.bert
+    assert is_standard(d) is standard and ("spectra_pruned" in cfg) is not standard
+    if standard:
+        assert (cfg["intermediate_size"], cfg["num_attention_heads"], cfg["head_dim"]) == \
+            (discover_groups(m, kinds="ffn")[0].size, m.model.layers[0].self_attn.q_proj.out_features // 8, 8)
+        assert "standard Hugging Face folder" in loader_hint(d) and "AutoModelForCausalLM" in loader_hint(d)
+    else:
+        assert cfg["spectra_pruned"]["groups"] == rec and "hidden_size / num_attention_heads" in loader_hint(d)
     field = "kv_heads" if gqa == "kv" else "size"  # head groups record query heads (size) and KV heads
     assert {k: v.get(field, v["size"]) for k, v in rec.items()} == {g.name: g.size for g in discover_groups(m, gqa=gqa)}
     r = load_pruned(d)
@@ -52,6 +61,41 @@ def test_llama_heads_record_query_and_kv_counts(tmp_path):
     assert r.model.layers[0].self_attn.num_key_value_groups == 1
     ids = am.token_batch(pad_last=0)["input_ids"]
     torch.testing.assert_close(r(input_ids=ids).logits, m(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_non_uniform_widths_keep_the_record_and_save_pretrained_roundtrips(tmp_path):
+    m = am.llama()
+    ffn = discover_groups(m, kinds="ffn")
+    remove_units(m, ffn[0], [0, 1, 2])  # layer 0 keeps 37 FFN neurons, layer 1 keeps 39
+    remove_units(m, ffn[1], [5])
+    d = save_pruned(m, tmp_path / "p")
+    cfg = json.loads((d / "config.json").read_text())
+    assert not is_standard(d) and cfg["intermediate_size"] == 40 and cfg["spectra_pruned"]["standard"] is False
+    assert "FFN widths differ across layers (37..39)" in loader_hint(d) and "load_pruned" in loader_hint(d)
+    r = load_pruned(d)
+    r.save_pretrained(tmp_path / "again")  # the record travels on the config, so load_pruned reads it back
+    back = load_pruned(tmp_path / "again")
+    ids = am.token_batch(pad_last=0)["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, m(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_standard_folder_loads_with_plain_from_pretrained_and_save_pretrained_roundtrips(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    m = am.llama(kv=3)
+    for g in discover_groups(m):
+        remove_units(m, g, [0, 1] if g.kind == "ffn" else g.balanced(torch.arange(g.size, 0, -1).double(), 3))
+    d = save_pruned(m, tmp_path / "s")
+    ids = am.token_batch(pad_last=0)["input_ids"]
+    for src in (d, tmp_path / "again"):
+        r = AutoModelForCausalLM.from_pretrained(src)
+        assert r.config.num_attention_heads == 3 and r.config.num_key_value_heads == 3
+        assert not hasattr(r.config, "spectra_pruned")
+        with torch.no_grad():
+            torch.testing.assert_close(r(input_ids=ids).logits, m(input_ids=ids).logits, rtol=1e-6, atol=1e-6)
+        r.save_pretrained(tmp_path / "again")
+    assert is_standard(d) and count_params(load_pruned(d)) == count_params(m)
 
 
 @pytest.mark.parametrize("build", [am.cnn, am.resnet, am.mlp])
