@@ -9,8 +9,8 @@ fast) and accumulated in fp64; ``precision="fp64"`` multiplies in fp64 too.
 
 In ``sketch`` mode (large N, where an N x N Gram per side is too big) it keeps Z S and A S for one seeded
 Gaussian S [M, sketch_dim] drawn batch by batch (the same rows for both sides), plus the column sums of S;
-standardisation is applied afterwards by linearity, so the sketch is of the z-scored rows as docs/algorithm.md
-requires. A probe of ``probe`` random units keeps its exact Gram rows, so diagnostics report recall@k of
+standardisation is applied afterwards by linearity, so the sketch is of the z-scored rows (docs/algorithm.md
+section 5). A probe of ``probe`` random units keeps its exact Gram rows, so diagnostics report recall@k of
 the sketched kNN against the exact one.
 
 In ``moments`` mode it keeps only the per-unit sums, sums of squares, non-zero counts and absolute sums:

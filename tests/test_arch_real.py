@@ -1,5 +1,5 @@
 """The real packaged models (spectra_gpu.builtin.zoo): MiniLM (BERT) and SmolLM2-135M (Llama, GQA 9/3).
-Masking == physical removal, spec parameter accounting, capture with padding, generate, save/reload."""
+Masking == physical removal, exact parameter accounting, capture with padding, generate, save/reload."""
 
 from __future__ import annotations
 

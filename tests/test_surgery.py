@@ -1,5 +1,5 @@
-"""Physical removal equals masking for every unit kind, parameter counts follow the spec's per-unit
-accounting, GQA stays consistent, generate works, bad removals are refused; EPR and FLOPs."""
+"""Physical removal equals masking for every unit kind, parameter counts follow the per-unit accounting of
+docs/algorithm.md section 7, GQA stays consistent, generate works, bad removals are refused; EPR and FLOPs."""
 
 from __future__ import annotations
 

@@ -192,7 +192,7 @@ def _direction_scores(gin: Graph, gout: Graph, s: int | str, solver: str, tol: f
 
 def _duplicates(kx: KnnGraph, ky: KnnGraph, units: torch.Tensor, dtype: torch.dtype) -> list[tuple[int, int]]:
     """Pairs that are (numerically) identical on both sides: d^2 below a precision-aware fraction of the
-    median kNN d^2 (docs/algorithm.md: d < 1e-8 median d; fp32 cannot resolve that, so 100 eps relative on d^2)."""
+    median kNN d^2 that the computing dtype resolves: 100 eps, at least 1e-16 (docs/algorithm.md section 5)."""
     rel = max(1e-16, 100 * torch.finfo(dtype).eps)
     out: set[tuple[int, int]] = set()
 
