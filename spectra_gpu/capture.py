@@ -15,6 +15,10 @@ Samples per kind (algorithm.md section 6):
   formed in chunks of tokens of at most 4 M floats per side. A KV-group unit's write is the sum of its
   query heads' writes.
 ``max_samples`` bounds each group's samples in inputs/tokens/positions (head groups: tokens).
+- stream (``units.StreamGroup``, :func:`capture_streams`): each write into the residual stream (a writer
+  module's output) paired with the next read (a reader module's input), sample for sample: the same images
+  and seeded positions, the same non-padding tokens; a read after global pooling pairs with the spatial
+  mean of the write.
 
 Cost (1 CPU thread): MiniLM, 64 snippets (1679 tokens), all 12 groups: 6.2 s against a 1.3 s plain forward,
 mostly the exact 1536 x 1536 FFN Grams (N^2 M flops per side, the floor of exact statistics); SmolLM2,
@@ -30,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from .stats import SignalStats
-from .units import UnitGroup, group_by_name
+from .units import StreamGroup, UnitGroup, group_by_name
 
 ForwardFn = Callable[[nn.Module, Any], Any]
 _HEAD_CHUNK_ELEMS = 1 << 22  # floats per head-write chunk (16 MiB in fp32)
@@ -79,13 +83,14 @@ class _Rows:
 
 
 class _GroupCapture:
-    def __init__(self, g: UnitGroup, rows: _Rows, max_samples: int | None, mode: str, sketch_dim: int, seed: int):
+    def __init__(self, g: UnitGroup, rows: _Rows, max_samples: int | None, mode: str, sketch_dim: int, seed: int,
+                 precision: str = "fp32"):
         if g.size < 3:
             raise ValueError(f"group {g.name!r}: expected at least 3 units to capture signals for, got {g.size}")
         self.g, self.rows, self.cap = g, rows, max_samples
         exact = g.kind == "head"
         self.stats = SignalStats(g.size, mode="exact" if exact else mode, sketch_dim=sketch_dim, seed=seed,
-                                 device=g.consumer.weight.device)
+                                 precision=precision, device=g.consumer.weight.device)
         self.count = 0
         self.pending: Tensor | None = None
         self.pos: Tensor | None = None
@@ -172,6 +177,11 @@ def _check(model: nn.Module, groups: Sequence[UnitGroup], max_samples: int | Non
         raise ValueError(f"max_samples: expected a positive int or None, got {max_samples!r}")
 
 
+def _check_positions(positions_per_image: int | None) -> None:
+    if positions_per_image is not None and (not isinstance(positions_per_image, int) or positions_per_image < 1):
+        raise ValueError(f"positions_per_image: expected a positive int or None (all), got {positions_per_image!r}")
+
+
 def _bar(batches: Iterable[Any], show: bool, desc: str) -> Iterable[Any]:
     if not show:
         return batches
@@ -184,17 +194,17 @@ def _bar(batches: Iterable[Any], show: bool, desc: str) -> Iterable[Any]:
 def capture(model: nn.Module, groups: Sequence[UnitGroup], batches: Iterable[Any], *,
             forward: ForwardFn | None = None, max_samples: int | None = None, positions_per_image: int | None = 64,
             mode: str = "exact", sketch_dim: int = 4096, seed: int = 0,
-            progress: bool = True) -> dict[str, SignalStats]:
+            progress: bool = True, precision: str = "fp32") -> dict[str, SignalStats]:
     """{group name: SignalStats} of every group's (Z, A) over ``batches`` in one no-grad pass (eval mode;
     the training flag is restored). ``batches`` yields model inputs: a tensor, an (inputs, labels) pair or a
     Hugging Face dict whose ``attention_mask`` drops padding tokens. Stops early once every group holds
-    ``max_samples``. ``mode``/``sketch_dim``/``seed`` go to SignalStats (head groups are always exact)."""
+    ``max_samples``. ``mode``/``sketch_dim``/``seed``/``precision`` go to SignalStats (head groups are always
+    exact)."""
     _check(model, groups, max_samples)
-    if positions_per_image is not None and (not isinstance(positions_per_image, int) or positions_per_image < 1):
-        raise ValueError(f"positions_per_image: expected a positive int or None (all), got {positions_per_image!r}")
+    _check_positions(positions_per_image)
     fwd = forward or default_forward
     rows = _Rows(positions_per_image, seed)
-    caps = [_GroupCapture(g, rows, max_samples, mode, sketch_dim, seed + i) for i, g in enumerate(groups)]
+    caps = [_GroupCapture(g, rows, max_samples, mode, sketch_dim, seed + i, precision) for i, g in enumerate(groups)]
     handles = [h for c in caps for h in c.register()]
     was_training = model.training
     model.eval()
@@ -295,3 +305,252 @@ def capture_taylor(model: nn.Module, groups: Sequence[UnitGroup], batches: Itera
         model.zero_grad(set_to_none=True)
         model.train(was_training)
     return {c.g.name: c.result() for c in caps}
+
+
+# ---- residual-stream channels (units.StreamGroup) ------------------------------------------------------------
+def _channels_last(t: Tensor, n: int) -> tuple[str, Tensor] | None:
+    """("spatial", [B, N, S]) for [B, N, H, W] maps and [B, N * S] flattened ones, ("rows", [..., N]) for
+    [B, N] / [B, T, N] tensors, or None when no dimension holds the N channels where a stream keeps them."""
+    if t.dim() == 4 and t.shape[1] == n:
+        return "spatial", t.reshape(t.shape[0], n, -1)
+    if t.dim() >= 2 and t.shape[-1] == n:
+        return "rows", t
+    if t.dim() == 2 and t.shape[1] % n == 0:
+        return "spatial", t.reshape(t.shape[0], n, -1)
+    return None
+
+
+class _StreamCapture:
+    """Pairs each write of a stream with the next read (units.StreamGroup) and streams the pairs into
+    SignalStats; keeps the reads (Z = A = read) and the writes alone as the fallbacks."""
+
+    def __init__(self, s: StreamGroup, rows: _Rows, max_samples: int | None, mode: str, sketch_dim: int, seed: int,
+                 precision: str):
+        n = s.size
+        if n < 3:
+            raise ValueError(f"stream {s.name!r}: expected at least 3 channels to capture signals for, got {n}")
+        self.s, self.rows, self.cap, self.n = s, rows, max_samples, n
+        dev = (s.writers or s.readers)[0].weight.device
+
+        def stats(i: int) -> SignalStats:
+            return SignalStats(n, mode=mode, sketch_dim=sketch_dim, seed=seed + i, precision=precision, device=dev)
+
+        self.pairs, self.reads, self.writes = stats(0), stats(1), stats(2)
+        self.counts = {"pairs": 0, "reads": 0, "writes": 0}
+        self.pending: list[tuple[Tensor, Tensor]] = []  # (the write as the model produced it, a copy)
+        self.last_read: Tensor | None = None
+
+    @property
+    def full(self) -> bool:
+        return self.cap is not None and self.counts["pairs"] >= self.cap
+
+    def reset(self) -> None:
+        self.pending.clear()
+        self.last_read = None
+
+    def _feed(self, key: str, z: Tensor, a: Tensor) -> None:
+        if self.cap is not None:
+            left = max(self.cap - self.counts[key], 0)
+            z, a = z[:left], a[:left]
+        if z.shape[0] == 0:
+            return
+        getattr(self, key).update(z.T.float(), a.T.float())
+        self.counts[key] += int(z.shape[0])
+
+    def _samples(self, t: Tensor) -> Tensor | None:
+        """[m, N] samples of one tensor on its own (spatial positions subsampled, padding dropped)."""
+        lay = _channels_last(t, self.n)
+        if lay is None:
+            return None
+        kind, x = lay
+        if kind == "spatial":
+            return self.rows(x.unsqueeze(-1), self.rows.positions(x.shape[0], x.shape[2]))
+        return self.rows(x)
+
+    def _pair(self, z: Tensor, a: Tensor) -> tuple[Tensor, Tensor] | None:
+        lz, la = _channels_last(z, self.n), _channels_last(a, self.n)
+        if lz is None or la is None:
+            return None
+        (kz, z), (ka, a) = lz, la
+        if kz == "spatial" and ka == "rows" and a.dim() == 2:  # read after global pooling
+            z, kz = z.mean(2), "rows"
+        if kz != ka or z.shape != a.shape:
+            return None
+        if kz == "spatial":
+            pos = self.rows.positions(z.shape[0], z.shape[2])
+            return self.rows(z.unsqueeze(-1), pos), self.rows(a.unsqueeze(-1), pos)
+        return self.rows(z), self.rows(a)
+
+    # hooks ---------------------------------------------------------------------------------------------------
+    def on_write(self, _m: nn.Module, inp: Any, out: Any) -> None:
+        if not isinstance(out, Tensor) or self.full:
+            return
+        x = inp[0] if isinstance(inp, tuple) and inp else None
+        # a writer fed by another writer's output (conv -> BN) replaces that write: one write per stream entry
+        self.pending = [(src, z) for src, z in self.pending if src is not x]
+        self.pending.append((out, out.detach().clone()))  # a copy: the add and activation may run in place
+        w = self._samples(out.detach())
+        if w is not None and self.counts["pairs"] == 0:
+            self._feed("writes", w, w)
+
+    def on_read(self, _m: nn.Module, inp: tuple[Any, ...]) -> None:
+        if not inp or not isinstance(inp[0], Tensor) or self.full:
+            return
+        a = inp[0].detach()
+        last = self.last_read
+        if last is not None and a.data_ptr() == last.data_ptr() and a.shape == last.shape:
+            return  # the same stream tensor read by a second module (q, k, v; conv1 and the downsample)
+        self.last_read = a
+        if self.counts["pairs"] == 0:
+            r = self._samples(a)
+            if r is not None:
+                self._feed("reads", r, r)
+        pending, self.pending = self.pending, []
+        for _, z in pending:
+            if z.shape == a.shape and torch.equal(z, a):
+                continue  # the read itself (a LayerNorm's output read as it is): not a write into the stream
+            got = self._pair(z, a)
+            if got is not None:
+                self._feed("pairs", *got)
+
+    def register(self) -> list[Any]:
+        hs = [m.register_forward_hook(self.on_write) for m in self.s.writers]
+        hs += [m.register_forward_pre_hook(self.on_read) for m in self.s.readers]
+        return hs
+
+    def result(self) -> tuple[SignalStats, str]:
+        for key in ("pairs", "reads", "writes"):
+            if self.counts[key] > 0:
+                return getattr(self, key), key
+        raise ValueError(f"capture_streams: stream {self.s.name!r} received no samples; its modules "
+                         f"{self.s.paths or [type(m).__name__ for m in self.s.modules()]} were not called by the "
+                         "forward pass, or their tensors hold the channels in no dimension a stream uses")
+
+
+def capture_streams(model: nn.Module, streams: Sequence[StreamGroup], batches: Iterable[Any], *,
+                    forward: ForwardFn | None = None, max_samples: int | None = None,
+                    positions_per_image: int | None = 64, mode: str = "exact", sketch_dim: int = 4096,
+                    seed: int = 0, progress: bool = True,
+                    precision: str = "fp32") -> dict[str, tuple[SignalStats, str]]:
+    """{stream name: (SignalStats, source)} of every residual-stream group's (Z, A) over ``batches`` in one
+    no-grad pass (eval mode, flag restored), with the signals of units.StreamGroup: each write paired with
+    the next read (source "pairs"); when no pair lined up, Z = A = the reads ("reads") or the writes
+    ("writes"). Samples as in :func:`capture` (``positions_per_image`` seeded positions per image, shared by
+    Z and A; padding tokens of dict batches dropped; ``max_samples`` bounds the pairs per stream)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not all(isinstance(s, StreamGroup) for s in streams):
+        raise TypeError("streams: expected a sequence of StreamGroup")
+    names = [s.name for s in streams]
+    if len(set(names)) != len(names):
+        raise ValueError(f"streams: expected unique names, got {names}")
+    if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
+        raise ValueError(f"max_samples: expected a positive int or None, got {max_samples!r}")
+    _check_positions(positions_per_image)
+    fwd = forward or default_forward
+    rows = _Rows(positions_per_image, seed)
+    caps = [_StreamCapture(s, rows, max_samples, mode, sketch_dim, seed + 3 * i, precision)
+            for i, s in enumerate(streams)]
+    handles = [h for c in caps for h in c.register()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in _bar(batches, progress, "capture streams"):
+                rows.keep = _token_mask(batch)
+                for c in caps:
+                    c.reset()
+                fwd(model, batch)
+                if all(c.full for c in caps):
+                    break
+    finally:
+        for h in handles:
+            h.remove()
+        for c in caps:
+            c.reset()
+        model.train(was_training)
+    return {c.s.name: c.result() for c in caps}
+
+
+class _StreamTaylor:
+    """sum over reads and samples of a * dL/da per channel, a = a reader's input (each read gets its own alias
+    so the gradient is the one through that reader)."""
+
+    def __init__(self, s: StreamGroup, rows: _Rows):
+        self.s, self.rows, self.n = s, rows, s.size
+        self.total = torch.zeros(self.n, dtype=torch.float64)
+        self.count = 0
+        self.counted = False
+
+    def pre(self, _m: nn.Module, inp: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        if not inp or not isinstance(inp[0], Tensor) or _channels_last(inp[0], self.n) is None:
+            return None
+        x = inp[0]
+        alias = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
+        value, keep = x.detach(), self.rows.keep
+        if not self.counted:  # samples counted once per forward: images, or non-padding tokens
+            lay = _channels_last(value, self.n)
+            assert lay is not None
+            rows = lay[1] if lay[0] == "rows" else lay[1][..., 0]
+            if keep is not None and rows.dim() == 3 and tuple(rows.shape[:2]) == tuple(keep.shape):
+                self.count += int(keep.sum())
+            else:
+                self.count += int(rows.reshape(-1, self.n).shape[0])
+            self.counted = True
+        # the hook holds the values, not x itself (x -> its hook -> x would keep every batch's graph alive)
+        alias.register_hook(lambda grad: self._acc(value, grad, keep))
+        return (alias, *inp[1:])
+
+    def _acc(self, x: Tensor, grad: Tensor, keep: Tensor | None) -> None:
+        lay = _channels_last((x * grad).double(), self.n)
+        assert lay is not None
+        kind, p = lay
+        if kind == "spatial":
+            v = p.mean(2)
+        else:
+            v = p
+            if keep is not None and v.dim() == 3 and tuple(v.shape[:2]) == tuple(keep.shape):
+                v = v[keep.to(v.device)]
+        self.total += v.reshape(-1, self.n).sum(0).cpu()
+
+    def result(self) -> Tensor:
+        if self.count == 0:
+            raise ValueError(f"capture_stream_taylor: stream {self.s.name!r} received no gradients; its readers "
+                             "did not take part in the loss")
+        return (self.total / self.count).abs()
+
+
+def capture_stream_taylor(model: nn.Module, streams: Sequence[StreamGroup], batches: Iterable[Any],
+                          loss_fn: Callable[[nn.Module, Any], Tensor], *,
+                          progress: bool = True) -> dict[str, Tensor]:
+    """{stream name: [N] float64} first-order Taylor importance of each stream channel:
+    |sum over the stream's reads of a * dL/da| averaged over samples (images, or non-padding tokens), a =
+    the channel as each reader takes it in (a conv read: spatial mean per image), i.e. the first-order change
+    of the loss when the channel is zeroed at every read. ``loss_fn(model, batch)`` returns a scalar loss;
+    eval mode; parameter gradients are cleared afterwards."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn: expected a callable (model, batch) -> scalar loss, got {type(loss_fn).__name__}")
+    rows = _Rows(None, 0)
+    caps = [_StreamTaylor(s, rows) for s in streams]
+    handles = [m.register_forward_pre_hook(c.pre) for c in caps for m in c.s.readers]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            for batch in _bar(batches, progress, "taylor streams"):
+                rows.keep = _token_mask(batch)
+                for c in caps:
+                    c.counted = False
+                loss = loss_fn(model, batch)
+                if not isinstance(loss, Tensor) or loss.numel() != 1:
+                    raise TypeError(f"loss_fn: expected a scalar tensor, got {type(loss).__name__} "
+                                    f"{tuple(getattr(loss, 'shape', ()))}")
+                loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return {c.s.name: c.result() for c in caps}

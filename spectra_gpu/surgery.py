@@ -25,14 +25,14 @@ from torch import Tensor, nn
 from .units import UnitGroup
 
 
-def _param(old: nn.Parameter, new: Tensor) -> nn.Parameter:
+def _param(old: Tensor, new: Tensor) -> nn.Parameter:
     return nn.Parameter(new.detach().clone(), requires_grad=old.requires_grad)
 
 
-def _rows(mod: nn.Module, keep: Tensor) -> None:
+def _rows(mod: nn.Linear | nn.Conv2d, keep: Tensor) -> None:
     """Keep output rows ``keep`` of a Linear/Conv2d (weight and bias)."""
     mod.weight = _param(mod.weight, mod.weight[keep.to(mod.weight.device)])
-    if getattr(mod, "bias", None) is not None:
+    if mod.bias is not None:
         mod.bias = _param(mod.bias, mod.bias[keep.to(mod.bias.device)])
     if isinstance(mod, nn.Linear):
         mod.out_features = int(mod.weight.shape[0])
@@ -40,7 +40,7 @@ def _rows(mod: nn.Module, keep: Tensor) -> None:
         mod.out_channels = int(mod.weight.shape[0])
 
 
-def _cols(mod: nn.Module, keep: Tensor) -> None:
+def _cols(mod: nn.Linear | nn.Conv2d, keep: Tensor) -> None:
     """Keep input columns (Linear) / channels (Conv2d) ``keep``."""
     mod.weight = _param(mod.weight, mod.weight[:, keep.to(mod.weight.device)])
     if isinstance(mod, nn.Linear):
@@ -49,7 +49,7 @@ def _cols(mod: nn.Module, keep: Tensor) -> None:
         mod.in_channels = int(mod.weight.shape[1]) * mod.groups
 
 
-def _norm(bn: nn.Module, keep: Tensor) -> None:
+def _norm(bn: nn.modules.batchnorm._BatchNorm, keep: Tensor) -> None:
     for name in ("weight", "bias"):
         p = getattr(bn, name, None)
         if p is not None:
@@ -87,7 +87,7 @@ def check_indices(group: UnitGroup, idx: Any) -> Tensor:
                          f"least one (remove the whole layer/block instead)")
     if group.unit == "query" and t.numel():
         r, kv = group.n_rep, group.kv_heads
-        counts = torch.bincount(t // r, minlength=kv)
+        counts = torch.bincount(t // r, minlength=int(kv or 0))
         if bool((counts != counts[0]).any()):
             raise ValueError(
                 f"idx: GQA group {group.name!r} has {kv} KV groups of {r} query heads; query-head removal must take "
@@ -119,8 +119,9 @@ def remove_units(model: nn.Module, group: UnitGroup, idx: Any) -> Tensor:
     if group.norm is not None:
         _norm(group.norm, keep)
     _cols(group.consumer, _consumer_cols(group, keep, n))
-    if group.arch == "llama" and hasattr(_owner(model, group), "intermediate_size"):
-        _owner(model, group).intermediate_size = int(keep.numel())
+    owner = _owner(model, group)
+    if group.arch == "llama" and hasattr(owner, "intermediate_size"):
+        setattr(owner, "intermediate_size", int(keep.numel()))  # noqa: B010 (nn.Module.__setattr__ is typed for tensors)
     return keep
 
 

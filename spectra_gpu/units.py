@@ -10,6 +10,7 @@ A group is a set of N units that are removed together with everything attached t
 | ffn (BERT) | intermediate.dense | - | output.dense columns | dense out, GELU(Z) |
 | ffn (Llama) | gate_proj + up_proj | - | down_proj columns | gate out, down_proj input |
 | head | q/k/v rows of the head | - | out-projection columns | residual writes (capture.py) |
+| stream | writers' output channels | LayerNorm/BatchNorm channels | readers' input channels | a write, the next read |
 
 Every unit is a contiguous slice of the consumer's input (``cols_per_unit`` columns / channels): zeroing that
 slice is what ``masked`` does and what physical removal must equal.
@@ -21,6 +22,11 @@ so RoBERTa/Mistral/Qwen2-style copies work too. Plain MLPs/CNNs/ResNets are foun
 Linear|Conv2d -> (BatchNorm) -> activation -> (dropout | pooling | flatten) -> Linear|Conv2d, with every
 intermediate value used once, so residual-stream channels (summed with a skip connection) are never units
 and only ResNet block-internal channels (BasicBlock conv1, Bottleneck conv1/conv2) are found.
+
+Residual-stream channels (``StreamGroup``, kind "stream": a ResNet stage's conv2/BN2 + shortcut channels, the
+hidden size of BERT or Llama) are never discovered, since the stream is summed with a skip connection; a frontend
+that knows the coupling (the Torch-Pruning adapter) declares them. Z = what a writer module adds to the stream,
+A = the stream as the next reader module takes it in (after the add, the activation or the LayerNorm).
 
 Grouped-query attention (Llama): ``gqa="query"`` makes each query head a unit; removals must take the same
 number of heads from every KV group (HF attention needs uniform groups), see ``UnitGroup.balanced``.
@@ -458,6 +464,137 @@ def declare_group(model: nn.Module, kind: str, producer: str | nn.Module | Seque
                      act=act, paths=paths)
 
 
+# ---- residual-stream channels -------------------------------------------------------------------------------
+STREAM_KIND = "stream"
+
+
+def channel_width(m: nn.Module, side: str) -> int | None:
+    """A module's channel count on the written ("out") or read ("in") side, or None if it has none (PReLU's
+    per-channel slope is an activation parameter, not a channel of a stream)."""
+    if isinstance(m, nn.PReLU):
+        return None
+    if side == "in":
+        if isinstance(m, nn.Linear):
+            return int(m.in_features)
+        if isinstance(m, nn.Conv2d) and m.groups == 1:
+            return int(m.in_channels)
+        return None
+    if isinstance(m, nn.Linear):
+        return int(m.out_features)
+    if isinstance(m, nn.Conv2d) and m.groups == 1:
+        return int(m.out_channels)
+    if isinstance(m, nn.Embedding):
+        return int(m.embedding_dim)
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return int(m.num_features)
+    w = getattr(m, "weight", None)  # LayerNorm, RMSNorm-like modules: one weight per channel
+    return int(w.numel()) if isinstance(w, Tensor) and w.dim() == 1 else None
+
+
+@dataclass(eq=False)
+class StreamGroup:
+    """N channels of a residual stream or hidden size: every module that writes the stream and every module
+    that reads it, pruned together (a ResNet stage's conv2/BN2 + shortcut channels, BERT's or Llama's hidden
+    size). ``discover_groups`` never returns these (the stream is summed with a skip connection); a pruning
+    frontend that knows the coupling (Torch-Pruning's dependency groups) declares them.
+
+    Signals (captured by ``capture.capture_streams``): each unit is one channel of the stream.
+    Z = what a writer adds to the stream (the output of a writer module: a conv or its BatchNorm before the
+    add, an attention or FFN output projection, an embedding); A = the stream as the next reader takes it in
+    (the input of the next reader module: after the add, the activation or the LayerNorm). Every write is
+    paired with the first read that follows it in the forward pass, sample for sample (the same images and
+    spatial positions, the same non-padding tokens; a read after global pooling pairs with the spatial mean
+    of the write). A writer fed by another writer's output (conv -> BN) replaces that write; a write that is
+    the read itself (a LayerNorm's output) is no pair; writes whose samples do not line up with the next read
+    (a max-pool in between) are left out. If no pair lines up over the whole calibration, Z = A = the reads
+    (or, with no reader, the writes).
+
+    writers: modules whose output channels are the units (Linear, Conv2d with groups=1, Embedding, BatchNorm,
+    LayerNorm-like); readers: Linear / Conv2d (groups=1) whose input channels, or contiguous blocks of input
+    columns of a flattened conv output, are the units.
+    """
+
+    name: str
+    writers: tuple[nn.Module, ...]
+    readers: tuple[nn.Module, ...]
+    paths: dict[str, str] = field(default_factory=dict)
+    kind: str = STREAM_KIND
+
+    def __post_init__(self) -> None:
+        if not self.writers and not self.readers:
+            raise ValueError(f"stream {self.name!r}: expected at least one writer or reader module, got none")
+        n = self.size
+        for m in self.writers:
+            w = channel_width(m, "out")
+            if w != n:
+                raise ValueError(f"stream {self.name!r}: writer {type(m).__name__} expected {n} output channels, "
+                                 f"got {w}")
+        for m in self.readers:
+            w = channel_width(m, "in")
+            if w is None or w % n or (isinstance(m, nn.Conv2d) and w != n):
+                raise ValueError(f"stream {self.name!r}: reader {type(m).__name__} expected {n} input channels "
+                                 f"(or a multiple for a flattened conv output), got {w}")
+
+    @property
+    def size(self) -> int:
+        """Current number of channels."""
+        if self.writers:
+            w = channel_width(self.writers[0], "out")
+            if w is None:
+                raise ValueError(f"stream {self.name!r}: writer {type(self.writers[0]).__name__} has no channel "
+                                 "width (expected Linear, Conv2d, Embedding or a norm with a weight vector)")
+            return w
+        w = channel_width(self.readers[0], "in")
+        if w is None:
+            raise ValueError(f"stream {self.name!r}: reader {type(self.readers[0]).__name__} has no input width "
+                             "(expected Linear or Conv2d)")
+        return w
+
+    def in_weight(self) -> Tensor:
+        """[N, fan_in]: every writer's weights per channel, flattened and concatenated (Linear rows, conv
+        filters, embedding columns, norm scale and shift). Biases excluded; zeros [N, 0] with no writer."""
+        n = self.size
+        parts = [torch.zeros(n, 0)]
+        for m in self.writers:
+            w = m.weight.detach()
+            if isinstance(m, nn.Embedding):
+                parts.append(w.T)
+            elif isinstance(m, (nn.Linear, nn.Conv2d)):
+                parts.append(w.reshape(n, -1))
+            else:
+                parts.append(w.reshape(n, 1))
+                b = getattr(m, "bias", None)
+                if isinstance(b, Tensor):
+                    parts.append(b.detach().reshape(n, 1))
+        dev = parts[-1].device
+        return torch.cat([p.to(dev, torch.float32) for p in parts], dim=1)
+
+    def out_weight(self) -> Tensor:
+        """[N, fan_out]: every reader's input columns per channel (a conv reader's [C_out, kh, kw] slice, a
+        flattened reader's block of columns), flattened and concatenated; zeros [N, 0] with no reader."""
+        n = self.size
+        parts = [torch.zeros(n, 0)]
+        for m in self.readers:
+            w = m.weight.detach()
+            if isinstance(m, nn.Conv2d):
+                parts.append(w.transpose(0, 1).reshape(n, -1))
+            else:
+                parts.append(w.reshape(w.shape[0], n, -1).permute(1, 0, 2).reshape(n, -1))
+        dev = parts[-1].device
+        return torch.cat([p.to(dev, torch.float32) for p in parts], dim=1)
+
+    def modules(self) -> list[nn.Module]:
+        """Every module whose channels this group covers."""
+        seen: dict[int, nn.Module] = {}
+        for m in (*self.writers, *self.readers):
+            seen.setdefault(id(m), m)
+        return list(seen.values())
+
+    def __repr__(self) -> str:
+        return (f"StreamGroup(name={self.name!r}, size={self.size}, writers={len(self.writers)}, "
+                f"readers={len(self.readers)})")
+
+
 def group_by_name(groups: Sequence[UnitGroup]) -> dict[str, UnitGroup]:
     out: dict[str, UnitGroup] = {}
     for g in groups:
@@ -467,4 +604,5 @@ def group_by_name(groups: Sequence[UnitGroup]) -> dict[str, UnitGroup]:
     return out
 
 
-__all__ = ["GQA_MODES", "KINDS", "UnitGroup", "declare_group", "discover_groups", "group_by_name"]
+__all__ = ["GQA_MODES", "KINDS", "STREAM_KIND", "StreamGroup", "UnitGroup", "channel_width", "declare_group",
+           "discover_groups", "group_by_name"]

@@ -223,3 +223,42 @@ def test_taylor_tokens_skip_padding():
     keep = batch["attention_mask"].bool()
     want = (a * a.grad)[keep].mean(0).abs()
     torch.testing.assert_close(got[g.name], want.double().detach(), rtol=1e-5, atol=1e-12)
+
+
+# ---- residual-stream channels ------------------------------------------------------------------------------
+class _Residual(torch.nn.Module):
+    """x -> fc_in -> [+ fc_a(relu(.)) ] -> LayerNorm -> fc_out: one stream of 5 channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc_in, self.fc_a = torch.nn.Linear(4, 5), torch.nn.Linear(5, 5)
+        self.ln, self.fc_out = torch.nn.LayerNorm(5), torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.fc_in(x)
+        h = h + self.fc_a(torch.relu(h))
+        return self.fc_out(self.ln(h))
+
+
+def test_capture_streams_pairs_each_write_with_the_next_read():
+    from spectra_gpu.capture import capture_streams as cs
+    from spectra_gpu.units import StreamGroup
+
+    m = _Residual().eval()
+    xs = [torch.randn(6, 2, 4) for _ in range(2)]
+    mask = torch.tensor([[1, 1], [1, 0], [1, 1], [0, 1], [1, 1], [1, 1]])
+    s = StreamGroup("s", (m.fc_in, m.fc_a, m.ln), (m.fc_a, m.fc_out))
+    batches = [{"x": x, "attention_mask": mask} for x in xs]
+    got, source = cs(m, [s], batches, forward=lambda mod, b: mod(b["x"]), progress=False)["s"]
+    assert source == "pairs"
+    zs, as_ = [], []
+    with torch.no_grad():
+        for x in xs:
+            h0 = m.fc_in(x)
+            w = m.fc_a(torch.relu(h0))
+            keep = mask.bool()
+            # fc_in's write pairs with fc_a's read relu(h0); fc_a's write with fc_out's read (the LayerNorm
+            # output); the LayerNorm's own write is that very read: skipped
+            zs += [h0[keep], w[keep]]
+            as_ += [torch.relu(h0)[keep], m.ln(h0 + w)[keep]]
+    _same_stats(got, torch.cat(zs).T, torch.cat(as_).T)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import _arch_models as am
 import pytest
 import torch
 from torch import nn
 
 from spectra_gpu import declare_group, discover_groups
-import _arch_models as am
 
 
 def _names(groups):
@@ -141,3 +141,27 @@ def test_balanced_never_selects_every_unit():
     assert len(g.balanced(torch.randn(12), 50)) == 11
     with pytest.raises(ValueError, match="n_remove"):
         g.balanced(torch.randn(12), -1)
+
+
+# ---- residual-stream channel groups (declared by a frontend, never discovered) ------------------------------
+def test_stream_group_widths_weights_and_errors():
+    from spectra_gpu.units import StreamGroup
+
+    emb, ln, lin, conv = nn.Embedding(20, 6), nn.LayerNorm(6), nn.Linear(6, 4), nn.Conv2d(3, 6, 3)
+    read, flat = nn.Linear(6, 5), nn.Linear(6 * 4, 2)
+    s = StreamGroup("h", (emb, ln, conv), (read, flat))
+    assert s.size == 6 and s.kind == "stream" and len(s.modules()) == 5
+    w_in = s.in_weight()
+    assert w_in.shape == (6, 20 + 2 + 27)  # embedding columns, LN scale and shift, conv filters
+    torch.testing.assert_close(w_in[:, :20], emb.weight.detach().T)
+    torch.testing.assert_close(w_in[:, 20], ln.weight.detach())
+    w_out = s.out_weight()
+    assert w_out.shape == (6, 5 + 2 * 4)  # a reader's column; a flattened reader's block of 4 columns
+    torch.testing.assert_close(w_out[:, :5], read.weight.detach().T)
+    torch.testing.assert_close(w_out[1, 5:9], flat.weight.detach()[0, 4:8])
+    with pytest.raises(ValueError, match="writer Linear expected 6 output channels, got 4"):
+        StreamGroup("h", (emb, lin), ())
+    with pytest.raises(ValueError, match="reader Linear expected 6 input channels"):
+        StreamGroup("h", (emb,), (nn.Linear(5, 2),))
+    with pytest.raises(ValueError, match="at least one writer or reader"):
+        StreamGroup("h", (), ())

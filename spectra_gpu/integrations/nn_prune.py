@@ -1,14 +1,17 @@
-"""Spectral scores for ``torch.nn.utils.prune``: structured masks with no extra dependency.
+"""Any registered scorer (``sg.SCORERS``) as ``torch.nn.utils.prune`` masks: structured masks, no extra dependency.
 
-    scores = spectral_channel_scores(model, batches)          # calibrate once, score every scorable layer
+    scores = channel_scores(model, batches)                   # calibrate once, score every discovered group
+    scores = channel_scores(model, batches, "wanda_sp")       # any scorer; "taylor" needs loss_fn=
     prune_channels(scores, amount=0.3)                        # ln_structured masks, lowest scores first
     # or, per module, with any torch.nn.utils.prune method that takes importance_scores=:
     s = scores["fc1"]
     prune.ln_structured(s.module, "weight", 0.3, n=1, dim=s.dim, importance_scores=importance_scores(s))
 
-Units and signals are those of :mod:`spectra_gpu.integrations._calibrate`: output channels of a Linear/Conv
-whose output reaches an activation (``dim=0``), and input channels of an attention output projection
-(``dim=1``: dim j of head h is channel ``h * head_dim + j``). Masks do not shrink tensors (use the
+Units and signals are those of ``spectra_gpu.units`` / ``spectra_gpu.capture`` (the groups ``discover_groups``
+finds), scored through :class:`~spectra_gpu.integrations.calibration.Calibration`. Neuron, channel and FFN
+groups mask their producer's output rows (``dim=0``; also the bias, a BatchNorm between producer and
+activation, and SwiGLU's up_proj rows); head groups mask their out-projection's input columns (``dim=1``:
+each of a head's ``head_dim`` columns carries the head's score). Masks do not shrink tensors (use the
 Torch-Pruning adapter for that); ``prune.remove(module, "weight")`` bakes them in.
 """
 
@@ -22,16 +25,19 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from ..scoring.spectral import ScoreResult
-from ._calibrate import SpectralCalibrator
+from ..scorers import ScoreOutput
+from .calibration import Calibration
 
 
 @dataclass(frozen=True)
 class ChannelScores:
-    """Scores of one module's units. dim: the weight dim they index (0 = outputs, 1 = attention-output inputs).
+    """Scores of one group's units on one module. dim: the weight dim they index (0 = output rows,
+    1 = out-projection input columns of heads).
 
-    scores: [N] float64 on the calibrator's cross-layer scale, lower = prune first. norm: the BatchNorm between
-    the layer and its activation, masked together with it. result: the raw :func:`spectra_gpu.score` output.
+    scores: [N] float64 per slice along ``dim``, on the calibration's cross-group scale, lower = prune
+    first. norm: the BatchNorm between the layer and its activation, masked together with it. result: the
+    scorer's raw output per unit. co_producers: modules whose output rows are masked together with
+    ``module``'s (SwiGLU's up_proj).
     """
 
     name: str
@@ -39,24 +45,34 @@ class ChannelScores:
     dim: int
     scores: torch.Tensor
     norm: nn.Module | None
-    result: ScoreResult
+    result: ScoreOutput | None
+    co_producers: tuple[nn.Module, ...] = ()
+
+
+def channel_scores(model: nn.Module, batches: Iterable[Any], scorer: str = "spectral", *,
+                   forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+                   loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+                   **options: Any) -> dict[str, ChannelScores]:
+    """Calibrate on ``batches`` and score every discovered group with ``scorer``, keyed by group name.
+    ``options`` are those of :class:`~spectra_gpu.integrations.calibration.Calibration` (normalizer, capture
+    options, the spectral scorers' ``sg.score`` options)."""
+    cal = Calibration(scorer, loss_fn=loss_fn, **options).calibrate(model, batches, forward_fn)
+    out: dict[str, ChannelScores] = {}
+    for g in cal.groups:
+        imp = cal.importance(g)
+        res = cal.scores(g)
+        if g.kind == "head":
+            out[g.name] = ChannelScores(g.name, g.consumer, 1, imp.repeat_interleave(g.cols_per_unit), None, res)
+        else:
+            out[g.name] = ChannelScores(g.name, g.producers[0], 0, imp, g.norm, res, tuple(g.producers[1:]))
+    return out
 
 
 def spectral_channel_scores(model: nn.Module, batches: Iterable[Any], *,
                             forward_fn: Callable[[nn.Module, Any], Any] | None = None,
                             **options: Any) -> dict[str, ChannelScores]:
-    """Calibrate on ``batches`` and score every scorable unit set, keyed by module name (attention-output
-    inputs get the suffix ``":heads"``). ``options`` are those of :class:`SpectralCalibrator`."""
-    cal = SpectralCalibrator(**options).calibrate(model, batches, forward_fn)
-    out: dict[str, ChannelScores] = {}
-    for (module, kind), unit in cal.units.items():
-        res = cal.result(module, kind)
-        imp = cal.importance(module, kind)
-        if res is None or imp is None:
-            continue
-        key = unit.name if kind == "out" else f"{unit.name}:heads"
-        out[key] = ChannelScores(unit.name, module, 0 if kind == "out" else 1, imp, unit.norm, res)
-    return out
+    """:func:`channel_scores` with the spectral scorer."""
+    return channel_scores(model, batches, "spectral", forward_fn=forward_fn, **options)
 
 
 def importance_scores(scores: ChannelScores, name: str = "weight") -> torch.Tensor:
@@ -93,7 +109,7 @@ def prune_channels(scores: Mapping[str, ChannelScores] | Iterable[ChannelScores]
     kept: dict[str, torch.Tensor] = {}
     for s in items:
         if not isinstance(s, ChannelScores):
-            raise TypeError(f"scores: expected ChannelScores (from spectral_channel_scores), got {type(s).__name__}")
+            raise TypeError(f"scores: expected ChannelScores (from channel_scores), got {type(s).__name__}")
         m = s.module
         prune.ln_structured(m, "weight", amount=amount, n=n, dim=s.dim, importance_scores=importance_scores(s))
         mask = m.weight_mask
@@ -101,11 +117,16 @@ def prune_channels(scores: Mapping[str, ChannelScores] | Iterable[ChannelScores]
         if s.dim == 0:
             if getattr(m, "bias", None) is not None:
                 prune.custom_from_mask(m, "bias", keep.to(m.bias.dtype))
+            for c in s.co_producers:
+                prune.custom_from_mask(c, "weight", keep.view(-1, *[1] * (c.weight.dim() - 1)).expand_as(
+                    c.weight).to(c.weight.dtype))
+                if getattr(c, "bias", None) is not None:
+                    prune.custom_from_mask(c, "bias", keep.to(c.bias.dtype))
             if s.norm is not None and getattr(s.norm, "weight", None) is not None:
                 prune.custom_from_mask(s.norm, "weight", keep.to(s.norm.weight.dtype))
                 prune.custom_from_mask(s.norm, "bias", keep.to(s.norm.bias.dtype))
-        kept[s.name if s.dim == 0 else f"{s.name}:heads"] = keep
+        kept[s.name] = keep
     return kept
 
 
-__all__ = ["ChannelScores", "importance_scores", "prune_channels", "spectral_channel_scores"]
+__all__ = ["ChannelScores", "channel_scores", "importance_scores", "prune_channels", "spectral_channel_scores"]
