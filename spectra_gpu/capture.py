@@ -2,7 +2,7 @@
 streaming ``SignalStats`` (memory = the statistics, never an activation dump), and first-order Taylor
 importances.
 
-Samples per kind (algorithm.md section 6):
+Samples per kind (docs/algorithm.md section 6):
 - neuron: one per input row; ffn: one per non-padding token (``attention_mask`` of dict batches);
 - channel: ``positions_per_image`` seeded random spatial positions of each image (same positions for Z
   and A), bounding M for large feature maps: the default 64 gives M = 6.4e4 for 1000 calibration images,
@@ -27,7 +27,7 @@ mostly the exact 1536 x 1536 FFN Grams (N^2 M flops per side, the floor of exact
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence, Sized
 from typing import Any
 
 import torch
@@ -187,7 +187,7 @@ def _bar(batches: Iterable[Any], show: bool, desc: str) -> Iterable[Any]:
         return batches
     from tqdm.auto import tqdm
 
-    total = len(batches) if hasattr(batches, "__len__") else None
+    total = len(batches) if isinstance(batches, Sized) else None
     return tqdm(batches, desc=desc, total=total, leave=False, dynamic_ncols=True)
 
 
@@ -320,6 +320,16 @@ def _channels_last(t: Tensor, n: int) -> tuple[str, Tensor] | None:
     return None
 
 
+def _stream_device(s: StreamGroup) -> torch.device:
+    """The device of the stream's first writer (or, with none, first reader): its weight's, or its buffers' for
+    a norm without affine parameters."""
+    for m in (*s.writers, *s.readers):
+        for t in (getattr(m, "weight", None), *m.buffers()):
+            if isinstance(t, Tensor):
+                return t.device
+    return torch.device("cpu")
+
+
 class _StreamCapture:
     """Pairs each write of a stream with the next read (units.StreamGroup) and streams the pairs into
     SignalStats; keeps the reads (Z = A = read) and the writes alone as the fallbacks."""
@@ -330,7 +340,7 @@ class _StreamCapture:
         if n < 3:
             raise ValueError(f"stream {s.name!r}: expected at least 3 channels to capture signals for, got {n}")
         self.s, self.rows, self.cap, self.n = s, rows, max_samples, n
-        dev = (s.writers or s.readers)[0].weight.device
+        dev = _stream_device(s)
 
         def stats(i: int) -> SignalStats:
             return SignalStats(n, mode=mode, sketch_dim=sketch_dim, seed=seed + i, precision=precision, device=dev)

@@ -1,5 +1,5 @@
 """Prunable unit groups: which weights belong to one neuron, channel, FFN neuron or attention head
-(algorithm.md section 6), found automatically or declared by hand.
+(docs/algorithm.md section 6), found automatically or declared by hand.
 
 A group is a set of N units that are removed together with everything attached to them:
 
@@ -74,13 +74,13 @@ class UnitGroup:
 
     name: str
     kind: str
-    producers: tuple[nn.Module, ...]
-    consumer: nn.Module
-    norm: nn.Module | None = None
+    producers: tuple[nn.Linear | nn.Conv2d, ...]
+    consumer: nn.Linear | nn.Conv2d
+    norm: nn.modules.batchnorm._BatchNorm | None = None
     act: Callable[[Tensor], Tensor] | None = None
     arch: str = "plain"  # "plain" | "bert" | "llama"
     unit: str = "unit"  # "unit"; heads: "head" (MHA), "query" or "kv" (GQA)
-    attn: nn.Module | None = None
+    attn: Any = None  # a Hugging Face attention module (its head-count attributes are edited by surgery)
     q: nn.Linear | None = None
     k: nn.Linear | None = None
     v: nn.Linear | None = None
@@ -96,7 +96,7 @@ class UnitGroup:
     @property
     def n_rep(self) -> int:
         """Query heads per KV group (1 for BERT)."""
-        return int(self.attn.num_key_value_groups) if self.arch == "llama" else 1  # type: ignore[union-attr]
+        return int(self.attn.num_key_value_groups) if self.arch == "llama" else 1
 
     @property
     def size(self) -> int:
@@ -166,7 +166,7 @@ class UnitGroup:
         return w.reshape(w.shape[0], n, c).permute(1, 0, 2).reshape(n, -1)
 
     def unit_params(self) -> int:
-        """Parameters removed with one unit at the current widths (algorithm.md section 7)."""
+        """Parameters removed with one unit at the current widths (docs/algorithm.md section 7)."""
         n = self.size
         if self.kind == "head":
             assert self.q is not None and self.k is not None and self.v is not None
@@ -206,11 +206,11 @@ class UnitGroup:
 
 
 # ---- discovery -----------------------------------------------------------------------------------------------
-def _has(m: nn.Module, *names: str) -> bool:
+def _has(m: Any, *names: str) -> bool:
     return all(hasattr(m, n) for n in names)
 
 
-def _bert_groups(path: str, layer: nn.Module) -> list[UnitGroup]:
+def _bert_groups(path: str, layer: Any) -> list[UnitGroup]:
     inter, out = layer.intermediate, layer.output
     att = layer.attention
     p = f"{path}." if path else ""
@@ -223,13 +223,13 @@ def _bert_groups(path: str, layer: nn.Module) -> list[UnitGroup]:
     return [ffn, head]
 
 
-def _is_bert_layer(m: nn.Module) -> bool:
+def _is_bert_layer(m: Any) -> bool:
     return (_has(m, "attention", "intermediate", "output") and _has(m.attention, "self", "output")
             and _has(m.attention.self, "query", "key", "value", "attention_head_size")
             and _has(m.intermediate, "dense", "intermediate_act_fn") and _has(m.output, "dense"))
 
 
-def _is_swiglu(m: nn.Module) -> bool:
+def _is_swiglu(m: Any) -> bool:
     return _has(m, "gate_proj", "up_proj", "down_proj", "act_fn") and all(
         isinstance(getattr(m, n), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj"))
 
@@ -242,11 +242,17 @@ def _parent(path: str) -> str:
     return path.rpartition(".")[0]
 
 
-def _llama_attn_group(path: str, m: nn.Module, gqa: str) -> UnitGroup:
+def _llama_attn_group(path: str, m: Any, gqa: str) -> UnitGroup:
     parent = _parent(path)
     unit = "kv" if (gqa == "kv" or int(m.num_key_value_groups) == 1) else "query"
     return UnitGroup(f"{parent}.attn" if parent else "attn", "head", (), m.o_proj, arch="llama", unit=unit, attn=m,
                      q=m.q_proj, k=m.k_proj, v=m.v_proj, paths={"attn": path, "consumer": f"{path}.o_proj"})
+
+
+def _llama_ffn_group(path: str, m: Any) -> UnitGroup:
+    parent = _parent(path)
+    return UnitGroup(f"{parent}.ffn" if parent else "ffn", "ffn", (m.gate_proj, m.up_proj), m.down_proj, arch="llama",
+                     paths={"producer": f"{path}.gate_proj", "consumer": f"{path}.down_proj"})
 
 
 def _structured_groups(model: nn.Module, gqa: str) -> list[UnitGroup]:
@@ -255,10 +261,7 @@ def _structured_groups(model: nn.Module, gqa: str) -> list[UnitGroup]:
         if _is_bert_layer(m):
             out += _bert_groups(path, m)
         elif _is_swiglu(m):
-            parent = _parent(path)
-            out.append(UnitGroup(f"{parent}.ffn" if parent else "ffn", "ffn", (m.gate_proj, m.up_proj), m.down_proj,
-                                 arch="llama",
-                                 paths={"producer": f"{path}.gate_proj", "consumer": f"{path}.down_proj"}))
+            out.append(_llama_ffn_group(path, m))
         elif _is_llama_attn(m):
             out.append(_llama_attn_group(path, m, gqa))
     return out
@@ -281,7 +284,7 @@ def _act_of(node: torch.fx.Node, mods: dict[str, nn.Module]) -> Callable[[Tensor
         return None if isinstance(mod, nn.PReLU) and mod.weight.numel() != 1 else mod
     if node.op == "call_function" and node.target in _ACT_FUNCS:
         fn = node.target
-        return lambda z: fn(z, *rest, **kw)  # type: ignore[operator]
+        return lambda z: fn(z, *rest, **kw)
     if node.op == "call_method" and node.target in _ACT_METHODS:
         name = str(node.target)
         return lambda z: getattr(z, name)(*rest, **kw)
@@ -294,12 +297,13 @@ def _flatten_op(node: torch.fx.Node, mods: dict[str, nn.Module]) -> bool:
         m = mods[str(node.target)]
         return isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1
     start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+    from_dim1 = isinstance(start, int) and start == 1
     if node.op == "call_function" and node.target is torch.flatten:
-        return start == 1 and len(node.args) <= 2
+        return from_dim1 and len(node.args) <= 2
     if node.op == "call_method" and node.target == "flatten":
-        return start == 1 and len(node.args) <= 2
+        return from_dim1 and len(node.args) <= 2
     if node.op == "call_method" and node.target in ("view", "reshape"):
-        return len(node.args) == 3 and node.args[2] == -1
+        return len(node.args) == 3 and isinstance(node.args[2], int) and node.args[2] == -1
     return False
 
 
@@ -332,42 +336,45 @@ def _fx_groups(model: nn.Module) -> tuple[list[UnitGroup], str | None]:
     out: list[UnitGroup] = []
     for node in graph.nodes:
         prod = module(node)
-        is_lin = isinstance(prod, nn.Linear)
-        is_conv = isinstance(prod, nn.Conv2d) and prod.groups == 1
-        if not (is_lin or is_conv):
+        if not (isinstance(prod, nn.Linear) or (isinstance(prod, nn.Conv2d) and prod.groups == 1)):
             continue
-        n_units = prod.weight.shape[0]  # type: ignore[union-attr]
-        cur, norm = node, None
+        is_lin = isinstance(prod, nn.Linear)
+        is_conv = not is_lin
+        n_units = prod.weight.shape[0]
+        cur = node
+        norm: nn.modules.batchnorm._BatchNorm | None = None
         nxt = single_user(cur)
         bn_type = nn.BatchNorm1d if is_lin else nn.BatchNorm2d
-        if nxt is not None and isinstance(module(nxt), bn_type):
-            cur, norm = nxt, module(nxt)
+        bn = module(nxt) if nxt is not None else None
+        if nxt is not None and isinstance(bn, bn_type):
+            cur, norm = nxt, bn
             nxt = single_user(cur)
-        act = _act_of(nxt, mods) if nxt is not None else None
-        if act is None:
+        if nxt is None or (act := _act_of(nxt, mods)) is None:
             continue
-        cur = nxt  # type: ignore[assignment]
+        cur = nxt
         flattened = False
+        consumer: nn.Linear | nn.Conv2d | None = None
         while (nxt := single_user(cur)) is not None:
             cons = module(nxt)
             if isinstance(cons, nn.Linear) and (
                     (not flattened and is_lin and cons.in_features == n_units)
                     or (flattened and cons.in_features % n_units == 0)):
+                consumer = cons
                 break
             if isinstance(cons, nn.Conv2d) and is_conv and not flattened and cons.groups == 1 \
                     and cons.in_channels == n_units:
+                consumer = cons
                 break
             if is_conv and not flattened and _flatten_op(nxt, mods):
                 flattened = True
             elif not _passthrough(nxt, mods):
-                nxt = None
                 break
             cur = nxt
-        if nxt is None:
+        if consumer is None or nxt is None:
             continue
         cpath = str(nxt.target)
         kind = "neuron" if is_lin else "channel"
-        out.append(UnitGroup(str(node.target), kind, (prod,), mods[cpath], norm=norm,  # type: ignore[arg-type]
+        out.append(UnitGroup(str(node.target), kind, (prod,), consumer, norm=norm,
                              act=act, paths={"producer": str(node.target), "consumer": cpath}))
     return out, None
 
@@ -405,7 +412,7 @@ def _check_kinds(kinds: Iterable[str] | str | None) -> tuple[str, ...]:
     return ks
 
 
-def _resolve(model: nn.Module, ref: str | nn.Module, what: str) -> tuple[nn.Module, str]:
+def _resolve(model: nn.Module, ref: object, what: str) -> tuple[nn.Module, str]:
     if isinstance(ref, nn.Module):
         for p, m in model.named_modules():
             if m is ref:
@@ -440,28 +447,31 @@ def declare_group(model: nn.Module, kind: str, producer: str | nn.Module | Seque
     prods = [_resolve(model, r, "producer") for r in refs]
     cons, cpath = _resolve(model, consumer, "consumer")
     nrm = _resolve(model, norm, "norm") if norm is not None else None
+    producers: list[nn.Linear | nn.Conv2d] = []
     for m, p in prods:
         if not isinstance(m, (nn.Linear, nn.Conv2d)) or (isinstance(m, nn.Conv2d) and m.groups != 1):
             raise TypeError(f"producer {p!r}: expected nn.Linear or nn.Conv2d (groups=1), got {type(m).__name__}")
+        producers.append(m)
     if not isinstance(cons, (nn.Linear, nn.Conv2d)) or (isinstance(cons, nn.Conv2d) and cons.groups != 1):
         raise TypeError(f"consumer {cpath!r}: expected nn.Linear or nn.Conv2d (groups=1), got {type(cons).__name__}")
-    n = prods[0][0].weight.shape[0]
-    if any(m.weight.shape[0] != n for m, _ in prods):
+    n = producers[0].weight.shape[0]
+    if any(m.weight.shape[0] != n for m in producers):
         raise ValueError(f"producer: co-producers must have the same output width, got "
-                         f"{[m.weight.shape[0] for m, _ in prods]}")
+                         f"{[m.weight.shape[0] for m in producers]}")
     fan = cons.weight.shape[1]
     if fan % n != 0 or (isinstance(cons, nn.Conv2d) and fan != n):
         raise ValueError(f"consumer {cpath!r}: expected {n} input channels/columns (or a multiple for a flattened "
                          f"conv output), got {fan}")
+    bn: nn.modules.batchnorm._BatchNorm | None = None
     if nrm is not None:
         nm, npath = nrm
         if not isinstance(nm, nn.modules.batchnorm._BatchNorm) or nm.num_features != n:
             raise ValueError(f"norm {npath!r}: expected a BatchNorm over {n} features, got {nm}")
+        bn = nm
     if act is not None and not callable(act):
         raise TypeError(f"act: expected a callable Z -> A or None, got {type(act).__name__}")
     paths = {"producer": prods[0][1], "consumer": cpath}
-    return UnitGroup(name or prods[0][1], kind, tuple(m for m, _ in prods), cons, norm=nrm[0] if nrm else None,
-                     act=act, paths=paths)
+    return UnitGroup(name or prods[0][1], kind, tuple(producers), cons, norm=bn, act=act, paths=paths)
 
 
 # ---- residual-stream channels -------------------------------------------------------------------------------
@@ -552,11 +562,15 @@ class StreamGroup:
 
     def in_weight(self) -> Tensor:
         """[N, fan_in]: every writer's weights per channel, flattened and concatenated (Linear rows, conv
-        filters, embedding columns, norm scale and shift). Biases excluded; zeros [N, 0] with no writer."""
+        filters, embedding columns, norm scale and shift; nothing from a norm without affine parameters). Biases
+        excluded; zeros [N, 0] with no writer."""
         n = self.size
         parts = [torch.zeros(n, 0)]
         for m in self.writers:
-            w = m.weight.detach()
+            weight = getattr(m, "weight", None)
+            if not isinstance(weight, Tensor):  # BatchNorm(affine=False): no weights
+                continue
+            w = weight.detach()
             if isinstance(m, nn.Embedding):
                 parts.append(w.T)
             elif isinstance(m, (nn.Linear, nn.Conv2d)):
@@ -575,6 +589,7 @@ class StreamGroup:
         n = self.size
         parts = [torch.zeros(n, 0)]
         for m in self.readers:
+            assert isinstance(m, (nn.Linear, nn.Conv2d))  # checked by __post_init__ (channel_width "in")
             w = m.weight.detach()
             if isinstance(m, nn.Conv2d):
                 parts.append(w.transpose(0, 1).reshape(n, -1))

@@ -277,3 +277,23 @@ def test_minilm_hidden_size_pruned_like_tp_magnitude(monkeypatch):
     assert model.encoder.layer[0].attention.self.num_attention_heads == 9
     with torch.no_grad():
         assert model(**batch).last_hidden_state.shape[-1] == 288
+
+
+def test_stream_with_a_weightless_norm_writer_has_empty_in_weight_and_captures():
+    bn, lin = nn.BatchNorm1d(4, affine=False), nn.Linear(4, 3)
+    s = sg.units.StreamGroup("s", (bn,), (lin,))
+    assert s.in_weight().shape == (4, 0)
+    model = nn.Sequential(bn, lin).eval()
+    from spectra_gpu.capture import capture_streams
+
+    stats = capture_streams(model, [s], [torch.randn(8, 4)])
+    assert stats["s"][0].m == 8
+
+
+def test_prune_channels_masks_a_norm_without_bias():
+    from spectra_gpu.integrations.nn_prune import ChannelScores, prune_channels
+
+    cs = ChannelScores("l", nn.Linear(3, 4), 0, torch.tensor([.3, -2., .9, .1], dtype=torch.float64),
+                       nn.BatchNorm1d(4, bias=False), None)
+    kept = prune_channels([cs], 1)
+    assert kept["l"].tolist() == [True, False, True, True]

@@ -41,12 +41,12 @@ class ChannelScores:
     """
 
     name: str
-    module: nn.Module
+    module: nn.Linear | nn.Conv2d
     dim: int
     scores: torch.Tensor
-    norm: nn.Module | None
+    norm: nn.modules.batchnorm._BatchNorm | None
     result: ScoreOutput | None
-    co_producers: tuple[nn.Module, ...] = ()
+    co_producers: tuple[nn.Linear | nn.Conv2d, ...] = ()
 
 
 def channel_scores(model: nn.Module, batches: Iterable[Any], scorer: str = "spectral", *,
@@ -96,6 +96,12 @@ def importance_scores(scores: ChannelScores, name: str = "weight") -> torch.Tens
     return rank.view(shape).expand_as(param).clone()
 
 
+def _tensor(m: nn.Module, name: str) -> torch.Tensor | None:
+    """``m.<name>`` if it is a tensor (a parameter, or the masked tensor ``prune`` leaves), else None."""
+    t = getattr(m, name, None)
+    return t if isinstance(t, torch.Tensor) else None
+
+
 def prune_channels(scores: Mapping[str, ChannelScores] | Iterable[ChannelScores], amount: float | int,
                    *, n: int | float = 1) -> dict[str, torch.Tensor]:
     """Mask the lowest-scoring units of every module with ``prune.ln_structured`` (``amount``: fraction in
@@ -112,19 +118,20 @@ def prune_channels(scores: Mapping[str, ChannelScores] | Iterable[ChannelScores]
             raise TypeError(f"scores: expected ChannelScores (from channel_scores), got {type(s).__name__}")
         m = s.module
         prune.ln_structured(m, "weight", amount=amount, n=n, dim=s.dim, importance_scores=importance_scores(s))
-        mask = m.weight_mask
+        mask = m.get_buffer("weight_mask")
         keep = mask.transpose(0, s.dim).reshape(mask.shape[s.dim], -1).any(dim=1)
         if s.dim == 0:
-            if getattr(m, "bias", None) is not None:
-                prune.custom_from_mask(m, "bias", keep.to(m.bias.dtype))
+            if (bias := _tensor(m, "bias")) is not None:
+                prune.custom_from_mask(m, "bias", keep.to(bias.dtype))
             for c in s.co_producers:
                 prune.custom_from_mask(c, "weight", keep.view(-1, *[1] * (c.weight.dim() - 1)).expand_as(
                     c.weight).to(c.weight.dtype))
-                if getattr(c, "bias", None) is not None:
-                    prune.custom_from_mask(c, "bias", keep.to(c.bias.dtype))
-            if s.norm is not None and getattr(s.norm, "weight", None) is not None:
-                prune.custom_from_mask(s.norm, "weight", keep.to(s.norm.weight.dtype))
-                prune.custom_from_mask(s.norm, "bias", keep.to(s.norm.bias.dtype))
+                if (bias := _tensor(c, "bias")) is not None:
+                    prune.custom_from_mask(c, "bias", keep.to(bias.dtype))
+            if s.norm is not None and (weight := _tensor(s.norm, "weight")) is not None:
+                prune.custom_from_mask(s.norm, "weight", keep.to(weight.dtype))
+                if (bias := _tensor(s.norm, "bias")) is not None:  # BatchNorm(bias=False) has a weight only
+                    prune.custom_from_mask(s.norm, "bias", keep.to(bias.dtype))
         kept[s.name] = keep
     return kept
 
