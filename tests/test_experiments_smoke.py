@@ -1,8 +1,10 @@
-"""Smoke runs of the evidence experiments (research/experiments): one setup, one seed, tiny budget, so the
-experiment code cannot rot. Checks the JSON contract and invariants an experiment must keep, not numbers."""
+"""Smoke runs of the evidence experiments (research/experiments) on the product API: one built-in task, one
+seed, tiny budgets, so the experiment code cannot rot. Checks the JSON contract and the invariants an
+experiment must keep (fractions hit exactly, the dense model untouched, masking = surgery), not numbers."""
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -11,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-EXP = Path(__file__).resolve().parents[1] / "benchmarks" / "experiments"
+EXP = Path(__file__).resolve().parents[1] / "research" / "experiments"
 sys.path.insert(0, str(EXP))
 
-pytest.importorskip("mlxtend")
-
+import common  # noqa: E402
 import exp_ablation  # noqa: E402
-import exp_finetune  # noqa: E402
 import exp_removal  # noqa: E402
+
+import spectra_gpu as sg  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -28,27 +30,59 @@ def _restore_threads():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def mlp() -> common.Setup:
+    return common.load_setup("mlp", 0)
+
+
 def test_removal_smoke(tmp_path: Path) -> None:
     out = tmp_path / "removal.json"
     res = exp_removal.main(["--setup", "mlp", "--smoke", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved["runs"] and len(saved["runs"]) == len(res["runs"]) == 3 * 2  # 3 methods x 2 modes
+    assert saved["machine"]["code"] == common.CODE  # the results page tells ported runs by this mark
     for run in saved["runs"]:
         assert [p["fraction"] for p in run["points"]] == [0.25, 0.5, 0.75]
         for p in run["points"]:
             assert 0.0 <= p["metric"] <= 1.0 and np.isfinite(p["loss"])
-        if run["mode"] == "iter10_nbh":  # rounds of 51 units, each checkpoint (128/256/384) hit exactly:
-            assert run["rounds"] == 9  # 51 + 51 + 26 per 128-unit leg
-    # masks are restored after every run: the dense metric is unchanged
+        if run["mode"] == "iter10_nbh":  # rounds of 26 of 256 units, each checkpoint (64/128/192) hit exactly:
+            assert run["rounds"] == 9  # 26 + 26 + 12 per 64-unit leg
     assert saved["models"]["0"]["dense"]["metric"] > 0.5
+
+
+def test_removal_leaves_dense_untouched_and_masking_equals_surgery(mlp: common.Setup) -> None:
+    dense = mlp.evaluate(mlp.dense)
+    names = list(mlp.names)
+    one = common.run_removal(mlp, names, "wanda_sp", [0.5])  # one-shot: sg.masked on the dense model
+    it = common.run_removal(mlp, names, "spectral", [0.25, 0.5], round_frac=0.1, one_per_nbh=True)
+    assert mlp.evaluate(mlp.dense) == dense
+    assert [int(g.size) for g in mlp.groups(mlp.dense)] == [256, 256]
+    assert it["rounds"] == 6 and [p["fraction"] for p in it["points"]] == [0.25, 0.5]
+    # the same removal done by surgery on a copy gives the masked metric
+    outs = common.score_groups(mlp, mlp.dense, mlp.groups(mlp.dense), "wanda_sp", 0)
+    m = copy.deepcopy(mlp.dense)
+    for g in mlp.groups(m):
+        sg.remove_units(m, g, torch.sort(outs[g.name].scores, stable=True).indices[:128])
+    assert [int(g.size) for g in mlp.groups(m)] == [128, 128]
+    assert mlp.evaluate(m)["metric"] == pytest.approx(one["points"][0]["metric"], abs=1e-12)
+    assert mlp.evaluate(m)["loss"] == pytest.approx(one["points"][0]["loss"], rel=1e-6)
+
+
+def test_setup_rejects_unknown_names(mlp: common.Setup) -> None:
+    with pytest.raises(ValueError, match="setup: expected one of"):
+        common.load_setup("resnet", 0)
+    with pytest.raises(ValueError, match="method: expected one of"):
+        common.method_options("spectral_k7", "neuron")
+    assert common.method_options("spectral", "head") == ("spectral", {"k": common.HEAD_K})
+    assert common.method_options("wanda_sp", "neuron", neighbors=True) == ("wanda_sp", {"k": 10, "neighbors": True})
 
 
 def test_ablation_smoke(tmp_path: Path) -> None:
     out = tmp_path / "ablation.json"
     res = exp_ablation.main(["--setup", "mlp", "--smoke", "--out", str(out)])
-    assert len(res["ablated_units"]) == 24
+    assert len(res["ablated_units"]) == 24 and res["group"] == "layers.0"
     gt = res["ground_truth"]
-    # the full-set loss change is the mean of the two (equal-size) halves
+    # the full-set loss change is the mean of the two halves (450 eval images: equal halves)
     np.testing.assert_allclose(gt["dloss_all"], (np.array(gt["dloss_A"]) + np.array(gt["dloss_B"])) / 2,
                                rtol=1e-9, atol=1e-12)
     assert min(gt["kl_all"]) >= -1e-12  # KL is non-negative
@@ -65,69 +99,40 @@ def test_bottom_precision_oracle() -> None:
     assert exp_ablation.bottom_precision(s, t, 0.5) == pytest.approx(2 / 3)
 
 
-def test_finetune_smoke(tmp_path: Path) -> None:
-    out = tmp_path / "finetune.json"
-    res = exp_finetune.main(["--setup", "mlp", "--smoke", "--out", str(out)])
-    assert {r["method"] for r in res["runs"]} == {"spectral", "random"}
-    for r in res["runs"]:
-        assert r["epr"] >= 0.5 and r["epr"] - 0.5 < 0.01  # target hit within a fraction step
-        assert 0.0 <= r["after_ft"]["metric"] <= 1.0
-    # EPR accounting against a hand count for the 784-w-w-10 MLP
-    import models
-
-    st = exp_removal.load("mlp", 0, smoke=True)
-    f, epr = exp_finetune.fraction_for_epr(st, 0.5)
-    w = 512 - int(round(f * 512))
-    p0 = 784 * 512 + 512 + 512 * 512 + 512 + 512 * 10 + 10
-    assert epr == pytest.approx(1 - (784 * w + w + w * w + w + w * 10 + 10) / p0)
-    assert isinstance(st.model, models.MLP)
-
-
 def test_head_removal_smoke() -> None:
-    """run_head_removal on a tiny random BERT (no download): per layer round(f x H) heads go, the sliced
-    model keeps its attention bookkeeping consistent, one-shot and iterative both evaluate every fraction."""
+    """run_removal on the head groups of a tiny random BERT (no download): per layer round(f x H) heads go,
+    one-shot (masking) and iterative (one head per layer per round, surgery) both evaluate every fraction and
+    leave the dense encoder whole."""
     transformers = pytest.importorskip("transformers")
-    import copy
     import types
-
-    import common
 
     torch.manual_seed(0)
     cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=64, max_position_embeddings=32)
     enc = transformers.BertModel(cfg).eval()
-    ids = torch.randint(1, 50, (6, 10))
-    calib = [{"input_ids": ids[:3], "attention_mask": torch.ones(3, 10, dtype=torch.long),
-              "labels": torch.tensor([0, 1, 0])},
-             {"input_ids": ids[3:], "attention_mask": torch.ones(3, 10, dtype=torch.long),
-              "labels": torch.tensor([1, 0, 1])}]
     head = torch.nn.Linear(32, 2)
-    seen: list[int] = []
+    ids = torch.randint(1, 50, (6, 10))
+    calib = [{"input_ids": ids[i:i + 3], "attention_mask": torch.ones(3, 10, dtype=torch.long),
+              "labels": torch.tensor([0, 1, 0])} for i in (0, 3)]
 
-    import llm
-
-    groups, forward = llm.HeadSetup.groups, llm.HeadSetup.forward
+    def forward(m, b):
+        return head(m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state.mean(1))
 
     def loss_fn(m, b):
-        return torch.nn.functional.cross_entropy(head(forward(m, b).last_hidden_state.mean(1)), b["labels"])
+        return torch.nn.functional.cross_entropy(forward(m, b), b["labels"])
 
-    def evaluate(m):
-        seen.append(sum(int(g.size) for g in groups(m)))
-        with torch.no_grad():
-            return {"metric": 0.5, "loss": float(loss_fn(m, calib[0]))}
-
-    stub = types.SimpleNamespace(dense=enc, copy=lambda: copy.deepcopy(enc), groups=groups, calib=calib,
-                                 forward=forward, loss_fn=loss_fn, evaluate=evaluate,
-                                 info={"groups": {g.name: int(g.size) for g in groups(enc)}})
+    task = types.SimpleNamespace(calib=calib, forward=forward, loss_fn=loss_fn, recalibrate_bn=False)
+    names = [g.name for g in sg.discover_groups(enc, ("head",))]
+    st = common.Setup("tiny_heads", task, enc, ("head",), names, names[0], calib)  # type: ignore[arg-type]
     for method in ("spectral", "taylor", "hybrid_rank", "random"):
-        for it in (False, True):
-            seen.clear()
-            r = common.run_head_removal(stub, method, [0.25, 0.5], iterative=it, seed=1)
+        for rf in (None, common.HEAD_ROUND):
+            r = common.run_removal(st, names, method, [0.25, 0.5], round_frac=rf, seed=1)
             assert [p["fraction"] for p in r["points"]] == [0.25, 0.5]
-            assert seen == [2 * 3, 2 * 2]  # 4 heads per layer: 1 then 2 removed in each of 2 layers
             assert all(np.isfinite(p["loss"]) for p in r["points"])
-            assert r["rounds"] == (2 if it else 1)
-    assert sum(int(g.size) for g in groups(enc)) == 8  # the dense encoder is never touched
+            assert r["rounds"] == (1 if rf is None else 2)  # 4 heads per layer: 1, then 2 removed
+    assert sum(int(g.size) for g in st.groups(enc)) == 8  # the dense encoder is never touched
+    with pytest.raises(ValueError, match="no head version"):
+        common.method_options("hybrid", "head")
 
 
 def test_finetune_driver_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -147,6 +152,7 @@ def test_finetune_driver_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     import make_report
 
     assert "spectral" in make_report.finetune_table(saved)
+    assert make_report.ported(saved) and "after FT at EPR 30%" in make_report.headline(saved)
 
 
 def test_finetune_driver_resume_and_merge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,14 +1,20 @@
-"""Shared machinery of the evidence experiments (issue 3): hook points, calibration, every scoring method,
-selection rules and the cumulative-removal driver. Kept in one module so that switching to the product's
-own scorers/selection/driver, when they land, is a change in one place.
+"""Shared machinery of the evidence experiments, on the product API only.
 
-A prunable group of N units is a :class:`Units` module placed where the layer's activation is: it sees the
-pre-activation Z and the post-activation A, multiplies A by a 0/1 mask (masking a unit's output equals
-removing it physically: the consumer's bias stays) and, when asked, records Z and A as [N, M] signals.
+Every experiment runs a built-in task (``spectra_gpu.builtin.tasks.load_task``: model, split, calibration
+batches, loss, metric, seeds), finds its unit groups with ``sg.discover_groups``, captures signals with
+``sg.capture`` / ``sg.capture_taylor``, scores with the product's scorers (``spectra_gpu.scorers.run_scorer``;
+spectral variants are scorer options), selects with ``sg.select_units``, and removes units either by
+``sg.masked`` (one-shot curves, single-unit ablation: zeroing a unit's slice of the consumer input is what
+removal computes, the consumer's bias stays) or by ``sg.remove_units`` on a copy (iterative rounds, and any
+task whose BatchNorms the driver recalibrates). Nothing here captures, masks or splits data on its own.
+
+Research-only scorers (not product scorers, registered here under their experiment names): ``hybrid``,
+``hybrid_full``, ``spectral_top_first``, ``hybrid_taylor_rank``; each is a thin composition of product scorers.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -16,189 +22,148 @@ import platform
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import spectra_gpu as sg
-from spectra_gpu.driver import HEAD_K  # per-layer head graphs: k = min(3, H - 1), as the driver does
-from spectra_gpu.scorers import (NEEDS_TAYLOR, SCORERS, SPECTRAL_SCORERS, ScoreContext, ScoreOutput, Scorer,
-                                 register_scorer, run_scorer)
-from spectra_gpu.selection import percentile_ranks, select_units
+from spectra_gpu.builtin import zoo
+from spectra_gpu.builtin.tasks import Task, accuracy, load_task
+from spectra_gpu.config import HEAD_K
+from spectra_gpu.scorers import NEEDS_TAYLOR, SCORERS, SPECTRAL_SCORERS, ScoreContext, ScoreOutput, Scorer, run_scorer
+from spectra_gpu.selection import percentile_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
 EVIDENCE = ROOT / "research" / "results"
-CACHE = EVIDENCE / "cache"
+CODE = "product API (research/experiments/common.py on spectra_gpu)"  # marks JSONs written by the ported code
 
 
 def setup_threads() -> None:
-    """One thread per experiment: the machine's 2 cores are shared by several jobs."""
+    """One thread per experiment: the machine's cores are shared by several jobs."""
     torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-# ---------------------------------------------------------------------------------------------- hook points
-class Units(nn.Module):
-    """Activation + unit mask + optional capture of (pre, post) signals for one prunable group.
-
-    ``channel_dim`` is the axis of the units in the activation tensor (1 for [B, C, H, W], -1 otherwise).
-    ``forward(z)`` applies ``act``; ``forward(z, a)`` takes a post-activation computed by the caller (SwiGLU).
-    """
-
-    def __init__(self, act: nn.Module | Callable[[torch.Tensor], torch.Tensor], n: int, channel_dim: int = -1):
-        super().__init__()
-        self.act = act
-        self.n = n
-        self.channel_dim = channel_dim
-        self.register_buffer("mask", torch.ones(n))
-        self.recorder: Recorder | None = None
-
-    def forward(self, z: torch.Tensor, a: torch.Tensor | None = None) -> torch.Tensor:
-        if a is None:
-            a = self.act(z)
-        shape = [1] * a.dim()
-        shape[self.channel_dim] = self.n
-        a = a * self.mask.view(shape)
-        if self.recorder is not None:
-            self.recorder.add(self, z, a)
-        return a
-
-
-def _rows(x: torch.Tensor, channel_dim: int, keep: torch.Tensor | None, per_image: int,
-          gen: torch.Generator) -> torch.Tensor:
-    """[..., N, ...] -> [N, samples]: conv maps sample `per_image` positions per image; token tensors keep
-    the positions in `keep` (non-padding tokens)."""
-    if x.dim() == 4:  # [B, C, H, W]
-        b, c, h, w = x.shape
-        flat = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
-        if per_image and per_image < h * w:
-            idx = torch.stack([torch.randperm(h * w, generator=gen)[:per_image] for _ in range(b)])
-            flat = torch.gather(flat, 1, idx[:, :, None].expand(-1, -1, c))
-        return flat.reshape(-1, c).T
-    if x.dim() == 3:  # [B, T, N]
-        if keep is not None:
-            return x[keep].T
-        return x.reshape(-1, x.shape[-1]).T
-    return x.T
-
-
-class Recorder:
-    """Collects each group's signals during calibration forwards; optional retain_grad for Taylor."""
-
-    def __init__(self, groups: dict[str, Units], taylor: bool = False, per_image: int = 16, seed: int = 0):
-        self.groups = groups
-        self.taylor = taylor
-        self.per_image = per_image
-        self.gen = torch.Generator().manual_seed(seed)
-        self.keep: torch.Tensor | None = None  # token mask of the current batch ([B, T] bool)
-        self.pre: dict[str, list[torch.Tensor]] = {g: [] for g in groups}
-        self.post: dict[str, list[torch.Tensor]] = {g: [] for g in groups}
-        self.live: dict[str, torch.Tensor] = {}
-        self.taylor_acc: dict[str, torch.Tensor] = {g: torch.zeros(u.n, dtype=torch.float64)
-                                                    for g, u in groups.items()}
-        self.taylor_count = 0
-        self.signed: set[str] = set()
-        self._names = {id(u): g for g, u in groups.items()}
-
-    def __enter__(self) -> Recorder:
-        for u in self.groups.values():
-            u.recorder = self
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for u in self.groups.values():
-            u.recorder = None
-
-    def add(self, unit: Units, z: torch.Tensor, a: torch.Tensor) -> None:
-        g = self._names[id(unit)]
-        state = self.gen.get_state()
-        self.pre[g].append(_rows(z.detach(), unit.channel_dim, self.keep, self.per_image, self.gen).float())
-        self.gen.set_state(state)  # the same positions for pre and post
-        self.post[g].append(_rows(a.detach(), unit.channel_dim, self.keep, self.per_image, self.gen).float())
-        if self.taylor and a.requires_grad:
-            a.retain_grad()
-            self.live[g] = a
-
-    def after_backward(self) -> None:
-        """Taylor-FO |mean_m a*g| per unit (conv: spatial sum per image, abs, batch mean)."""
-        for g, a in self.live.items():
-            grad = a.grad
-            if grad is None:
-                continue
-            prod = (a * grad).detach().double()
-            if prod.dim() == 4:  # per image: spatial sum, then abs
-                per = prod.sum(dim=(2, 3)).abs().sum(dim=0)
-            elif prod.dim() == 3:  # per sequence: token sum, then abs
-                per = prod.sum(dim=1).abs().sum(dim=0)
-            else:  # MLP: signed sum over all samples, abs at the end (taylor())
-                self.signed.add(g)
-                per = prod.sum(dim=0)
-            self.taylor_acc[g] += per
-        self.taylor_count += 1
-        self.live = {}
-
-    def taylor_scores(self, g: str) -> torch.Tensor:
-        t = self.taylor_acc[g] / max(1, self.taylor_count)
-        return t.abs() if g in self.signed else t
-
-    def signals(self, g: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.cat(self.pre[g], dim=1), torch.cat(self.post[g], dim=1)
-
-
 # ---------------------------------------------------------------------------------------------- setups
+# experiment setup -> (built-in task, unit kinds, the 'layer1' scope's group)
+SETUPS: dict[str, tuple[str, tuple[str, ...] | None, str | None]] = {
+    "mlp": ("digits-mlp", ("neuron",), "layers.0"),
+    "cnn": ("mnist-cnn", None, "conv1"),  # None: the task's kinds (conv channels + fc1 neurons)
+    "minilm": ("minilm-rt", ("ffn",), "encoder.encoder.layer.3.ffn"),
+    "minilm_heads": ("minilm-rt", ("head",), None),
+    "smollm2": ("smollm2-text", ("ffn",), None),
+}
+
+
 @dataclass
 class Setup:
-    """A trained model with its prunable groups and the callables an experiment needs.
+    """A built-in task with the groups an experiment prunes.
 
-    calibrate(recorder): forwards the calibration set (and backward for Taylor when recorder.taylor).
-    evaluate() -> dict with the main metric under key 'metric' (higher = better, e.g. accuracy or -ppl),
-      plus 'loss'. per_sample_loss() -> [n_eval] float64 losses, log_probs() -> [n_eval, C] (ablation).
-    in_weight[g]() -> [N, fan_in] rows; out_weight[g]() -> [d_out, N] columns (current weights).
+    dense: the task's trained model (never modified in place by the helpers below). names: the group names in
+    discovery order. eval_batches: the task's held-out batches, rebuilt from ``spectra_gpu.builtin.zoo`` and
+    checked against ``task.evaluate`` at load (classification tasks; None for language modelling).
     """
 
     name: str
-    model: nn.Module
-    groups: dict[str, Units]
-    calibrate: Callable[[Recorder], None]
-    evaluate: Callable[[], dict[str, float]]
-    in_weight: dict[str, Callable[[], torch.Tensor]]
-    out_weight: dict[str, Callable[[], torch.Tensor]]
-    per_sample_loss: Callable[[], torch.Tensor] | None = None
-    log_probs: Callable[[], torch.Tensor] | None = None
-    metric_name: str = "accuracy"
-    params: Callable[[dict[str, int]], int] | None = None  # parameter count at the given widths
+    task: Task
+    dense: nn.Module
+    kinds: tuple[str, ...]
+    names: list[str]
+    single: str
+    eval_batches: list[Any] | None
     info: dict[str, Any] = field(default_factory=dict)
 
-    def reset(self) -> None:
-        for u in self.groups.values():
-            u.mask.fill_(1.0)
+    def groups(self, model: nn.Module, names: Sequence[str] | None = None) -> list[sg.UnitGroup]:
+        """The groups ``names`` (default all) of ``model`` as it is now (re-discovered: shapes change)."""
+        by = {g.name: g for g in sg.discover_groups(model, self.kinds)}
+        return [by[n] for n in (names if names is not None else self.names)]
 
-    def alive(self, g: str) -> torch.Tensor:
-        return self.groups[g].mask.bool()
+    def log_probs(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """([n_eval, C] float64 log-probabilities, [n_eval] labels) on the held-out split."""
+        if self.eval_batches is None:
+            raise ValueError(f"setup {self.name}: per-sample outputs need a classification task, got "
+                             f"{self.task.model_name}")
+        lps, ys = [], []
+        with torch.no_grad():
+            for b in self.eval_batches:
+                lps.append(F.log_softmax(self.task.forward(model, b).double(), dim=-1))
+                ys.append(b["labels"] if isinstance(b, dict) else b[1])
+        return torch.cat(lps), torch.cat(ys)
+
+    def per_sample_loss(self, model: nn.Module) -> torch.Tensor:
+        lp, y = self.log_probs(model)
+        return -lp[torch.arange(len(y)), y]
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """{'metric': higher = better (accuracy, or -perplexity), 'loss': mean held-out loss}."""
+        if self.eval_batches is None:
+            ppl = float(self.task.evaluate(model))
+            return {"metric": -ppl, "loss": math.log(ppl)}
+        lp, y = self.log_probs(model)
+        return {"metric": float((lp.argmax(1) == y).double().mean()),
+                "loss": float(-lp[torch.arange(len(y)), y].mean())}
+
+
+def _eval_batches(task: Task) -> list[Any] | None:
+    """The task's held-out batches as documented in spectra_gpu.builtin.tasks (same split, standardisation,
+    tokenisation); load_setup checks them against task.evaluate."""
+    if task.data_name == "digits":
+        s = zoo.digits()
+        mu, sd = s.x_train.mean(0, keepdim=True), s.x_train.std(0, keepdim=True).clamp_min(0.05)
+        x, y = (s.x_test - mu) / sd, s.y_test
+    elif task.data_name == "mnist5k":
+        s = zoo.mnist5k()
+        x, y = (s.x_test - 0.1307) / 0.3081, s.y_test
+    elif task.data_name == "rotten-tomatoes":
+        t = zoo.rotten_tomatoes()
+        texts, labels, tok = t.test_texts[:1000], t.y_test[:1000], task.extra["tokenizer"]
+        out = []
+        for i in range(0, len(texts), 64):
+            enc = tok(list(texts[i:i + 64]), padding=True, truncation=True, max_length=64, return_tensors="pt")
+            out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                        "labels": labels[i:i + 64]})
+        return out
+    else:
+        return None
+    return [(x[i:i + 256], y[i:i + 256]) for i in range(0, len(x), 256)]
+
+
+def load_setup(setup: str, seed: int = 0) -> Setup:
+    """The experiment setup ``setup`` (a key of SETUPS) on the built-in task loaded at ``seed`` (its trained
+    model and data order for that seed)."""
+    if setup not in SETUPS:
+        raise ValueError(f"setup: expected one of {sorted(SETUPS)}, got {setup!r}")
+    task_name, kinds, single = SETUPS[setup]
+    t = time.perf_counter()
+    task = load_task(task_name, seed=seed)
+    kinds = kinds or task.kinds
+    dense = task.model.eval()
+    names = [g.name for g in sg.discover_groups(dense, kinds)]
+    evb = _eval_batches(task)
+    if evb is not None:
+        mine, theirs = accuracy(dense, evb), float(task.evaluate(dense))
+        if abs(mine - theirs) > 1e-12:
+            raise RuntimeError(f"{setup}: rebuilt held-out batches give accuracy {mine}, the task {theirs}")
+    st = Setup(setup, task, dense, tuple(kinds), names, single or names[0], evb)
+    dense_eval = st.evaluate(dense)
+    st.info = {"task": task_name, "task_seed": seed, "kinds": list(kinds), "groups": names,
+               "widths": {g.name: int(g.size) for g in st.groups(dense)}, "task_info": task.info,
+               "n_calib_batches": len(task.calib), "dense": dense_eval,
+               "seconds_setup": time.perf_counter() - t}
+    return st
 
 
 # ---------------------------------------------------------------------------------------------- scoring
-# Every method is computed by the product's scorers (spectra_gpu.scorers) and selected by its round
-# selection (spectra_gpu.selection); only the experimental hybrids are defined here, registered by name.
-@dataclass
-class Ctx:
-    """One group's alive units: the product's ScoreContext plus the raw signals (kept for the ablation
-    analysis, which correlates scores with measured effects)."""
-
-    score: ScoreContext
-    pre: torch.Tensor  # [n, M]
-    post: torch.Tensor  # [n, M]
-
-
 def _hybrid(spectral_opts: dict[str, Any]) -> Scorer:
-    """Spectral participation x Wanda-sp output magnitude ||W_out[:,i]||_1 ||a_i||_2: structure says which units
-    are interchangeable, magnitude how much each one carries (the rank version is the product's
-    ``hybrid_rank``)."""
+    """Research-only: spectral participation x Wanda-sp output magnitude ||W_out[:,i]||_1 ||a_i||_2 (the rank
+    version is the product's ``hybrid_rank``)."""
 
     def run(ctx: ScoreContext) -> ScoreOutput:
         opts = dict(ctx.options)
@@ -216,27 +181,17 @@ def _hybrid(spectral_opts: dict[str, Any]) -> Scorer:
     return run
 
 
-SPECTRAL_DEFAULT: dict[str, Any] = dict(k=10, num_eigs=32, direction="fwd", preprocess="zscore")
-register_scorer("hybrid", _hybrid(SPECTRAL_DEFAULT))
-register_scorer("hybrid_full", _hybrid({**SPECTRAL_DEFAULT, "num_eigs": "full"}))
-# hybrid_rank is a product scorer (spectra_gpu.scorers.hybrid_rank)
-
-
 def _top_first(ctx: ScoreContext) -> ScoreOutput:
-    """The default spectral score negated (prune the highest first): the sanity gate of algorithm.md 8.3;
-    if this hurts less than bottom-first, the ordering carries no usable signal."""
+    """Research-only control: the default spectral score negated (prune the highest first); if this hurts
+    less than bottom-first, the ordering carries no usable signal."""
     out = SCORERS["spectral"](ctx)
     s = -out.scores
     s[out.scores == -math.inf] = -math.inf  # dead units still go first
     return ScoreOutput(s, out.neighbors, out.extra)
 
 
-register_scorer("spectral_top_first", _top_first)
-
-
 def _taylor_rank(ctx: ScoreContext) -> ScoreOutput:
-    """Percentile rank of the spectral score x percentile rank of Taylor-FO: does the spectral structure add
-    information to the best first-order criterion?"""
+    """Research-only: percentile rank of the spectral score x percentile rank of Taylor-FO."""
     spec = SCORERS["spectral"](ctx)
     tay = SCORERS["taylor"](ScoreContext(ctx.stats, ctx.in_weight, ctx.out_weight, ctx.taylor, ctx.seed)).scores
     n = len(tay)
@@ -245,9 +200,18 @@ def _taylor_rank(ctx: ScoreContext) -> ScoreOutput:
     return ScoreOutput(s, spec.neighbors, spec.extra)
 
 
-register_scorer("hybrid_taylor_rank", _taylor_rank, needs_taylor=True)
+SPECTRAL_DEFAULT: dict[str, Any] = dict(k=10, num_eigs=32, direction="fwd", preprocess="zscore")
+RESEARCH_SCORERS: dict[str, tuple[Scorer, bool]] = {  # name -> (scorer, needs Taylor terms)
+    "hybrid": (_hybrid(SPECTRAL_DEFAULT), False),
+    "hybrid_full": (_hybrid({**SPECTRAL_DEFAULT, "num_eigs": "full"}), False),
+    "spectral_top_first": (_top_first, False),
+    "hybrid_taylor_rank": (_taylor_rank, True),
+}
+for _name, (_fn, _tay) in RESEARCH_SCORERS.items():
+    if _name not in SCORERS:
+        sg.register_scorer(_name, _fn, needs_taylor=_tay)
 
-# experiment name -> (registered scorer, options); the spectral names encode the change from the default
+# experiment method name -> (scorer name, scorer options); spectral names encode the change from the default
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "spectral": ("spectral", {}),
     "spectral_s2": ("spectral", {"num_eigs": 2}),
@@ -278,103 +242,147 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 SPECTRAL_METHODS = [m for m in METHODS if m.startswith(("spectral", "hybrid"))]
 
 
-def score_method(method: str, ctx: Ctx, seed: int = 0, neighbors: bool = False) -> ScoreOutput:
-    """Scores (higher = keep) of one method on one group; with ``neighbors`` also the input-graph kNN lists
-    (the spectral engine's own graph, or the same z-scored k=10 input graph for every other method)."""
+def method_options(method: str, kind: str, neighbors: bool = False) -> tuple[str, dict[str, Any]]:
+    """(scorer, options) of ``method`` on a group of ``kind``: spectral scorers get k <= HEAD_K on head groups
+    (as the driver does); ``neighbors`` asks any scorer for its input-graph kNN lists (k = 10, heads HEAD_K)."""
     if method not in METHODS:
         raise ValueError(f"method: expected one of {sorted(METHODS)}, got {method!r}")
     name, opts = METHODS[method]
-    sc = ctx.score
-    sc.seed = seed
-    sc.options = {**opts, **({"neighbors": True} if neighbors else {})}
-    try:
-        return run_scorer(name, sc)
-    finally:
-        sc.options = {}
+    opts = dict(opts)
+    if kind == "head":
+        if name not in SPECTRAL_SCORERS and name in RESEARCH_SCORERS:
+            raise ValueError(f"method {method!r}: no head version (use spectral, hybrid_rank or a baseline)")
+        if name in SPECTRAL_SCORERS:
+            opts["k"] = min(int(opts.get("k", HEAD_K)), HEAD_K)
+    if neighbors:
+        opts.setdefault("k", HEAD_K if kind == "head" else 10)
+        opts["neighbors"] = True
+    return name, opts
 
 
-def calibrate(setup: Setup, groups: Iterable[str], taylor: bool, seed: int = 0) -> dict[str, Ctx]:
-    """Forward the calibration set through the masked model and build each group's Ctx over alive units."""
-    groups = list(groups)
-    rec = Recorder({g: setup.groups[g] for g in groups}, taylor=taylor, seed=seed)
-    with rec:
-        setup.calibrate(rec)
-    out = {}
-    for g in groups:
-        alive = setup.alive(g)
-        pre, post = rec.signals(g)
-        pre, post = pre[alive], post[alive]
-        stats = sg.SignalStats(int(alive.sum()), mode="exact").update(pre, post)
-        tay = rec.taylor_scores(g)[alive] if taylor else None
-        sc = ScoreContext(stats, setup.in_weight[g]().detach()[alive],
-                          setup.out_weight[g]().detach()[:, alive].T.contiguous(), tay, seed)
-        out[g] = Ctx(sc, pre, post)
-    return out
+def capture(setup: Setup, model: nn.Module, groups: Sequence[sg.UnitGroup], taylor: bool,
+            batches: Sequence[Any] | None = None) -> tuple[dict[str, sg.SignalStats], dict[str, torch.Tensor]]:
+    """({group: SignalStats}, {group: Taylor terms} or {}) of ``model`` on the task's calibration batches."""
+    task = setup.task
+    batches = task.calib if batches is None else batches
+    stats = sg.capture(model, list(groups), batches, forward=task.forward, progress=False)
+    tay = sg.capture_taylor(model, list(groups), batches, task.loss_fn, progress=False) if taylor else {}
+    return stats, tay
 
 
-def run_removal(setup: Setup, groups: list[str], method: str, fractions: list[float],
-                round_frac: float | None = None, one_per_nbh: bool = False, seed: int = 0,
-                keep_masks: bool = False) -> dict[str, Any]:
-    """Cumulative removal without fine-tune: remove the lowest-scoring fraction f of every group in
-    ``groups`` (uniform per group), for each f in ``fractions`` along one trajectory.
+def score(method: str, g: sg.UnitGroup, stats: sg.SignalStats, taylor: torch.Tensor | None, seed: int,
+          neighbors: bool = False) -> ScoreOutput:
+    """One method's scores (higher = keep) on one group, by the product's scorer."""
+    name, opts = method_options(method, g.kind, neighbors)
+    ctx = ScoreContext(stats, g.in_weight().detach(), g.out_weight().detach(), taylor, seed, opts)
+    return run_scorer(name, ctx)
 
-    round_frac None = one-shot (score once on the dense model, remove bottom-f). Otherwise rounds of
-    round_frac x original width with rescoring of the survivors on the masked model after every round (no
-    weight update), optionally with the one-per-neighbourhood rule (select_units) inside each round.
-    keep_masks leaves the model pruned at the last fraction (for the recovery fine-tune).
+
+def needs_taylor(method: str) -> bool:
+    return METHODS[method][0] in NEEDS_TAYLOR
+
+
+def score_groups(setup: Setup, model: nn.Module, groups: Sequence[sg.UnitGroup], method: str, seed: int,
+                 neighbors: bool = False) -> dict[str, ScoreOutput]:
+    """Capture ``model`` and score every group of ``groups`` (seed of group i: seed * 100003 + i)."""
+    stats, tay = capture(setup, model, groups, needs_taylor(method))
+    return {g.name: score(method, g, stats[g.name], tay.get(g.name), seed * 100003 + gi, neighbors)
+            for gi, g in enumerate(groups)}
+
+
+# ---------------------------------------------------------------------------------------------- removal
+def _recalibrate(setup: Setup, model: nn.Module) -> None:
+    """Re-estimate BatchNorm statistics of a pruned model in place where the task's driver does so (after
+    every round, on the calibration batches)."""
+    if setup.task.recalibrate_bn:
+        from spectra_gpu.driver import recalibrate_bn
+
+        recalibrate_bn(model, setup.task.calib, setup.task.forward)
+
+
+def run_removal(setup: Setup, names: list[str], method: str, fractions: list[float],
+                round_frac: float | None = None, one_per_nbh: bool = False, seed: int = 0) -> dict[str, Any]:
+    """Cumulative removal without fine-tune: remove the lowest-scoring round(f x width) units of every group in
+    ``names`` (uniform per group), for each f in ``fractions`` along one trajectory; the dense model is left
+    untouched.
+
+    round_frac None = one-shot (score the dense model once, remove bottom-f: ``sg.masked``, or surgery on a
+    copy when the task recalibrates BatchNorm). Otherwise rounds of round_frac x original width on a copy:
+    every round re-captures the already sliced model and rescores the survivors (no weight update), selects
+    with ``sg.select_units`` (optionally one unit per input-graph neighbourhood) and removes with
+    ``sg.remove_units``. Heads: round_frac > 0 with ``head_rounds`` = one head per layer per round.
     """
-    setup.reset()
-    n0 = {g: setup.groups[g].n for g in groups}
-    taylor = METHODS[method][0] in NEEDS_TAYLOR
+    dense = setup.dense
+    n0 = {g.name: int(g.size) for g in setup.groups(dense, names)}
     points = []
     t_score = 0.0
     n_rounds = 0
     fr = sorted(fractions)
     if round_frac is None:
-        ctxs = calibrate(setup, groups, taylor, seed)
+        groups = setup.groups(dense, names)
         t = time.perf_counter()
-        order = {g: torch.sort(score_method(method, ctxs[g], seed).scores, stable=True).indices for g in groups}
+        outs = score_groups(setup, dense, groups, method, seed)
         t_score += time.perf_counter() - t
         n_rounds = 1
+        order = {g: torch.sort(o.scores, stable=True).indices for g, o in outs.items()}
         for f in fr:
-            setup.reset()
+            drop = {g: order[g][:int(round(f * n0[g]))] for g in names}
+            if setup.task.recalibrate_bn:
+                m = copy.deepcopy(dense)
+                for g in setup.groups(m, names):
+                    sg.remove_units(m, g, drop[g.name])
+                _recalibrate(setup, m)
+                points.append({"fraction": f, **setup.evaluate(m)})
+                continue
+            masks = {}
             for g in groups:
-                setup.groups[g].mask[order[g][:int(round(f * n0[g]))]] = 0.0
-            points.append({"fraction": f, **setup.evaluate()})
+                keep = torch.ones(n0[g.name], dtype=torch.bool)
+                keep[drop[g.name]] = False
+                masks[g] = keep
+            with sg.masked(dense, masks):
+                points.append({"fraction": f, **setup.evaluate(dense)})
     else:
+        m = copy.deepcopy(dense)
         for f in fr:
-            target = {g: int(round(f * n0[g])) for g in groups}
+            target = {g: int(round(f * n)) for g, n in n0.items()}
             while True:
-                removed = {g: n0[g] - int(setup.alive(g).sum()) for g in groups}
-                todo = [g for g in groups if removed[g] < target[g]]
+                width = {g.name: int(g.size) for g in setup.groups(m, names)}
+                todo = [g for g in names if n0[g] - width[g] < target[g]]
                 if not todo:
                     break
-                ctxs = calibrate(setup, todo, taylor, seed + n_rounds)
+                t = time.perf_counter()
+                outs = score_groups(setup, m, setup.groups(m, todo), method, seed * 1000 + n_rounds,
+                                    neighbors=one_per_nbh)
+                picks = {}
+                for g in todo:
+                    step = 1 if round_frac == HEAD_ROUND else max(1, int(round(round_frac * n0[g])))
+                    q = min(step, target[g] - (n0[g] - width[g]))
+                    picks[g] = sg.select_units(outs[g].scores, q, neighbors=outs[g].neighbors,
+                                               one_per_neighbourhood=one_per_nbh)
+                t_score += time.perf_counter() - t
                 n_rounds += 1
-                for gi, g in enumerate(todo):
-                    t = time.perf_counter()
-                    out = score_method(method, ctxs[g], seed * 100003 + n_rounds * 101 + gi, neighbors=one_per_nbh)
-                    q = min(max(1, int(round(round_frac * n0[g]))), target[g] - removed[g])
-                    pick = select_units(out.scores, q, neighbors=out.neighbors, one_per_neighbourhood=one_per_nbh)
-                    t_score += time.perf_counter() - t
-                    setup.groups[g].mask[setup.alive(g).nonzero().flatten()[pick]] = 0.0
-            points.append({"fraction": f, **setup.evaluate()})
-    if not keep_masks:
-        setup.reset()
+                for g in todo:  # re-discover after each removal: the next group's consumer shapes changed
+                    sg.remove_units(m, setup.groups(m, [g])[0], picks[g])
+                _recalibrate(setup, m)
+            points.append({"fraction": f, **setup.evaluate(m)})
     return {"method": method, "round_frac": round_frac, "one_per_nbh": one_per_nbh, "seed": seed,
-            "groups": groups, "points": points, "score_seconds": t_score, "rounds": n_rounds}
+            "groups": names, "points": points, "score_seconds": t_score, "rounds": n_rounds}
+
+
+HEAD_ROUND = -1.0  # round_frac sentinel: one unit (head) per group per round
 
 
 # ---------------------------------------------------------------------------------------------- output
 def machine_info() -> dict[str, Any]:
+    product = Path(sg.__file__).resolve().parents[1]  # the checkout whose spectra_gpu ran
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=ROOT).stdout.strip()
+                             cwd=product).stdout.strip()
     except OSError:
         sha = ""
-    try:  # uncommitted changes of the product at start (the working tree is shared with other engineers)
+    try:  # uncommitted changes of the product at start (the working tree may be shared)
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "spectra_gpu"], capture_output=True,
-                               text=True, cwd=ROOT).stdout.split("\n")
+                               text=True, cwd=product).stdout.split("\n")
         dirty = [ln[3:] for ln in dirty if ln.strip()]
     except OSError:
         dirty = []
@@ -387,8 +395,7 @@ def machine_info() -> dict[str, Any]:
         pass
     return {"machine": f"{os.cpu_count()}-core CPU ({cpu or platform.machine()}), no GPU",
             "torch": torch.__version__, "threads": torch.get_num_threads(), "git_sha": sha,
-            "product_uncommitted": dirty,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "product_uncommitted": dirty, "code": CODE, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def write_json(path: Path | str, obj: Any) -> None:
@@ -411,96 +418,8 @@ def _jsonable(x: Any) -> Any:
         return x.item()
     if isinstance(x, np.ndarray):
         return x.tolist()
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
     if isinstance(x, float) and not math.isfinite(x):
         return str(x)
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-# ---------------------------------------------------------------------------------------------- attention heads
-
-
-def head_method(method: str) -> tuple[str, dict[str, Any]]:
-    """The registered scorer and options of ``method`` on head groups: spectral variants and hybrid_rank with
-    k = 3 (as the driver does for heads), every other method unchanged."""
-    name, opts = METHODS[method]
-    if name in SPECTRAL_SCORERS:
-        opts = {**opts, "k": min(int(opts.get("k", HEAD_K)), HEAD_K)}
-    elif name.startswith("hybrid") or name == "spectral_top_first":
-        raise ValueError(f"method {method!r}: no head version (use spectral, hybrid_rank or a baseline)")
-    return name, opts
-
-
-def _score_heads(hs: Any, model: nn.Module, method: str, seed: int) -> tuple[list[Any], dict[str, torch.Tensor]]:
-    """Capture the current model's head signals (and Taylor terms if needed) with the product's capture and
-    score every head group; returns (groups, {group: scores})."""
-    from spectra_gpu.capture import capture, capture_taylor
-
-    name, opts = head_method(method)
-    groups = hs.groups(model)
-    stats = capture(model, groups, hs.calib, forward=hs.forward, progress=False)
-    tay = (capture_taylor(model, groups, hs.calib, hs.loss_fn, progress=False) if name in NEEDS_TAYLOR
-           else {})
-    out = {}
-    for gi, g in enumerate(groups):
-        ctx = ScoreContext(stats[g.name], g.in_weight().detach(), g.out_weight().detach(), tay.get(g.name),
-                           seed * 100003 + gi, dict(opts))
-        out[g.name] = run_scorer(name, ctx).scores
-    return groups, out
-
-
-def run_head_removal(hs: Any, method: str, fractions: list[float], iterative: bool = False,
-                     seed: int = 0) -> dict[str, Any]:
-    """Cumulative removal of attention heads without fine-tune: in every layer remove round(f x 12) heads.
-    One-shot: score the dense encoder once (signals, and gradients for Taylor, from the calibration set),
-    remove the lowest-scoring heads of each layer. Iterative: rounds of one head per layer, every round
-    re-capturing the signals on the already sliced encoder and rescoring the survivors (no weight update).
-    Removal is the product's surgery on a copy of the dense encoder; the consumer's bias stays."""
-    from spectra_gpu.surgery import remove_units
-
-    fr = sorted(fractions)
-    points = []
-    t_score = 0.0
-    n_rounds = 0
-    if not iterative:
-        t = time.perf_counter()
-        groups, scores = _score_heads(hs, hs.dense, method, seed)
-        t_score += time.perf_counter() - t
-        n_rounds = 1
-        order = {g: torch.sort(s, stable=True).indices for g, s in scores.items()}
-        for f in fr:
-            m = hs.copy()
-            for g in hs.groups(m):
-                remove_units(m, g, order[g.name][:int(round(f * g.size))])
-            points.append({"fraction": f, **hs.evaluate(m)})
-    else:
-        m = hs.copy()
-        n0 = {g.name: int(g.size) for g in hs.groups(m)}
-        for f in fr:
-            target = {g: int(round(f * n)) for g, n in n0.items()}
-            while True:
-                todo = {g.name for g in hs.groups(m) if n0[g.name] - int(g.size) < target[g.name]}
-                if not todo:
-                    break
-                t = time.perf_counter()
-                groups, scores = _score_heads(hs, m, method, seed * 1000 + n_rounds)
-                t_score += time.perf_counter() - t
-                n_rounds += 1
-                for g in groups:
-                    if g.name in todo:
-                        remove_units(m, g, torch.sort(scores[g.name], stable=True).indices[:1])
-            points.append({"fraction": f, **hs.evaluate(m)})
-    return {"method": method, "round_frac": None if not iterative else "1 head/layer", "one_per_nbh": False,
-            "seed": seed, "groups": list(hs.info["groups"]), "points": points, "score_seconds": t_score,
-            "rounds": n_rounds}

@@ -1,11 +1,11 @@
-"""Issue 3, item 4 on a transformer, through the product's driver: accuracy vs effective parameter reduction
-with one recovery fine-tune, every method on the same built-in task and recipe.
+"""Through the product's driver (``sg.prune``): accuracy vs effective parameter reduction with one recovery
+fine-tune, every method on the same built-in task and recipe.
 
   python research/experiments/exp_finetune_driver.py --task minilm-rt --targets 0.2 0.4 --seeds 0 1 2 \
       --out research/results/finetune_minilm.json
   python research/experiments/exp_finetune_driver.py --smoke --out /tmp/finetune_driver_smoke.json
 
-Each run is ``spectra_gpu.driver.prune`` on a fresh copy of the task's dense model (``spectra_gpu.builtin.tasks``:
+Each run is ``sg.prune`` on a fresh copy of the task's dense model (``spectra_gpu.builtin.tasks``:
 data split, calibration batches, loss, metric and fine-tune recipe are the task's, identical for every
 method): rounds of ``--round-fraction`` of each group's width (heads: the driver's uniform schedule in whole
 heads), every round re-capturing the signals on the already sliced model and rescoring, the last round
@@ -38,20 +38,18 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
-from common import machine_info, write_json  # noqa: E402
+from common import machine_info, setup_threads, write_json  # noqa: E402
+
+import spectra_gpu as sg  # noqa: E402
+from spectra_gpu.builtin.tasks import load_task  # noqa: E402
 from spectra_gpu.scorers import SCORERS  # noqa: E402
 
 DEFAULT_METHODS = ["spectral", "hybrid_rank", "wanda_sp", "taylor", "random"]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from spectra_gpu.driver import PruneConfig, prune
-    from spectra_gpu.finetune import FinetuneConfig
-    from spectra_gpu.builtin.tasks import load_task
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--task", default="minilm-rt", help="built-in task of spectra_gpu.builtin.tasks (default minilm-rt)")
+    ap.add_argument("--task", default="minilm-rt", help="built-in task (spectra_gpu.builtin.tasks; default minilm-rt)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="PruneConfig seeds")
     ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
     ap.add_argument("--targets", type=float, nargs="+", default=[0.2, 0.4])
@@ -66,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--merge-only", action="store_true", help="write --out with the merged runs, run nothing")
     ap.add_argument("--out", required=True, type=Path)
     a = ap.parse_args(argv)
-    common.setup_threads()
+    setup_threads()
     if a.smoke:
         a.task, a.seeds, a.methods, a.targets = "digits-mlp", a.seeds[:1], ["spectral", "random"], [0.3]
     known = set(SCORERS)
@@ -79,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dense = copy.deepcopy(task.model).eval()
     ft = task.finetune
     if a.ft_steps is not None:
-        ft = FinetuneConfig(**{**ft.to_dict(), "steps": a.ft_steps})
+        ft = sg.FinetuneConfig(**{**ft.to_dict(), "steps": a.ft_steps})
     kinds = tuple(a.kinds) if a.kinds else task.kinds
     out: dict[str, Any] = {
         "experiment": "finetune", "setup": a.task, "argv": sys.argv[1:] if argv is None else argv, "smoke": a.smoke,
@@ -106,11 +104,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for m in a.methods:
                 if (m, seed, target) in done:
                     continue
-                cfg = PruneConfig(target=target, scorer=m, kinds=kinds,
+                cfg = sg.PruneConfig(target=target, scorer=m, kinds=kinds,
                                   round_fraction=a.round_fraction, epr_basis=task.epr_basis, seed=seed,
                                   track_metric=False, recalibrate_bn=task.recalibrate_bn, finetune=ft)
                 t = time.perf_counter()
-                res = prune(copy.deepcopy(dense), task.calib, cfg, loss_fn=task.loss_fn, evaluate=task.evaluate,
+                res = sg.prune(copy.deepcopy(dense), task.calib, cfg, loss_fn=task.loss_fn, evaluate=task.evaluate,
                             metric_name=task.metric_name, train_batches=task.train_batches, forward=task.forward,
                             plots=False, save_model=False)
                 rep = res.report
@@ -148,15 +146,24 @@ def _row(rep: dict[str, Any], method: str, seed: int, target: float, seconds: fl
             "finetune_loss": [h.get("loss") for h in rep.get("finetune_history", [])]}
 
 
+def _recipe(d: Any) -> Any:
+    """A fine-tune recipe dict in the product's canonical form (``FinetuneConfig.to_dict``: fields at their
+    defaults written the same way by every writer); unchanged if it is not a valid recipe."""
+    try:
+        return sg.FinetuneConfig(**d).to_dict()
+    except (TypeError, ValueError):
+        return d
+
+
 def _add_runs(out: dict[str, Any], other: dict[str, Any], path: Path) -> None:
     """Add ``other``'s runs (a JSON of this script or a driver report.json) to ``out`` after checking that they
     were made on the same task with the same schedule and fine-tune recipe; runs already in ``out`` are kept."""
     if "config" in other and "metric_after_finetune" in other:  # a report.json of `spectra prune`
         c = other["config"]
         mine = {"task": out["setup"], "kinds": out["kinds"], "round_fraction": out["round_fraction"],
-                "epr_basis": out["epr_basis"], "finetune": out["finetune"]}
+                "epr_basis": out["epr_basis"], "finetune": _recipe(out["finetune"])}
         theirs = {"task": other["model"], "kinds": c["kinds"], "round_fraction": c["round_fraction"],
-                  "epr_basis": c["epr_basis"], "finetune": c["finetune"]}
+                  "epr_basis": c["epr_basis"], "finetune": _recipe(c["finetune"])}
         extra = {k: c[k] for k in ("allocation", "one_per_neighbourhood") if k in c}
         if extra and extra != {"allocation": "uniform", "one_per_neighbourhood": False}:
             raise ValueError(f"{path}: expected the default allocation and selection, got {extra}")
@@ -168,6 +175,7 @@ def _add_runs(out: dict[str, Any], other: dict[str, Any], path: Path) -> None:
     elif "runs" in other and "setup" in other:
         mine = {k: out[k] for k in ("setup", "kinds", "round_fraction", "epr_basis", "finetune")}
         theirs = {k: other.get(k) for k in mine}
+        mine["finetune"], theirs["finetune"] = _recipe(mine["finetune"]), _recipe(theirs["finetune"])
         runs, models = other["runs"], other.get("models", {})
     else:
         raise ValueError(f"{path}: expected a JSON of this script or a report.json of `spectra prune`, "

@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, write_json  # noqa: E402
 
 import spectra_gpu as sg  # noqa: E402
-from spectra_gpu.selection import percentile_ranks  # noqa: E402
 from spectra_gpu.builtin.tasks import load_task  # noqa: E402
+from spectra_gpu.selection import percentile_ranks  # noqa: E402
 
 
 def main() -> None:

@@ -1,13 +1,17 @@
-"""Issue 3, items 1-2: cumulative removal without fine-tune, every method x selection mode x scope.
+"""Cumulative removal without fine-tune, every method x selection mode x scope, on a built-in task.
 
   python research/experiments/exp_removal.py --setup mlp --seeds 0 1 2 --out research/results/removal_mlp.json
   python research/experiments/exp_removal.py --setup mlp --smoke --out /tmp/removal_smoke.json
 
-Scopes: 'layer1' (first prunable group only) and 'all' (the same fraction of every group). Modes:
-'oneshot' (score once, remove bottom-f), 'iterR' (rounds of R% of the width, rescoring the survivors on the
-masked model each round), 'iterR_nbh' (the same with at most one unit per input-graph kNN neighbourhood per
-round). Random uses 3 draws per trained model. The JSON is rewritten after every run (partial results
-survive an interrupted job).
+Setups (common.SETUPS): mlp = digits-mlp, cnn = mnist-cnn, minilm = minilm-rt FFN neurons, minilm_heads =
+minilm-rt attention heads, smollm2 = smollm2-text FFN neurons. Seeds are the task's seeds (its trained model
+and data order). Capture, scoring, selection and removal are the product's (common.run_removal).
+
+Scopes: 'layer1' (the setup's single group) and 'all' (the same fraction of every group). Modes: 'oneshot'
+(score once, remove bottom-f), 'iterR' (rounds of R% of the width, rescoring the survivors on the sliced
+model each round), 'iterR_nbh' (the same with at most one unit per input-graph kNN neighbourhood per
+round), 'iter1head' (heads: one head per layer per round). Random uses 3 draws per trained model. The JSON
+is rewritten after every run (partial results survive an interrupted job).
 """
 
 from __future__ import annotations
@@ -20,38 +24,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
-from common import METHODS, machine_info, run_removal, write_json  # noqa: E402
+from common import HEAD_ROUND, METHODS, load_setup, machine_info, run_removal, setup_threads, write_json  # noqa: E402
 
 MODES = {"oneshot": (None, False), "iter2.5": (0.025, False), "iter5": (0.05, False), "iter10": (0.10, False),
          "iter5_nbh": (0.05, True), "iter10_nbh": (0.10, True), "iter2.5_nbh": (0.025, True),
-         "iter1head": (None, False)}  # minilm_heads only: rounds of one head per layer, rescoring each round
+         "iter1head": (HEAD_ROUND, False)}  # minilm_heads only: rounds of one head per layer, rescoring each round
 FRACTIONS = [0.25, 0.5, 0.75]
 MAIN_MODES = ["oneshot", "iter5", "iter5_nbh"]
 EXTRA_MODES = ["iter2.5", "iter10", "iter2.5_nbh", "iter10_nbh"]  # round-size study, on a few methods
 ROUND_STUDY = ["spectral", "spectral_full", "hybrid", "wanda_sp"]
-
-
-def load(setup: str, seed: int, smoke: bool, n_eval: int | None = None, eval_skip: int = 0) -> common.Setup:
-    import models
-
-    if setup in ("mlp", "cnn"):
-        if smoke:
-            return models.mnist_setup(setup, seed, n_calib=300, n_eval=300, epochs=1)
-        return models.mnist_setup(setup, seed, n_calib=2000 if setup == "mlp" else 1000)
-    if setup == "minilm":
-        import llm
-
-        return llm.minilm_setup(seed=seed, smoke=smoke, **({"n_eval": n_eval} if n_eval else {}))
-    if setup == "minilm_heads":
-        import llm
-
-        return llm.minilm_heads_setup(smoke=smoke, eval_skip=eval_skip, **({"n_eval": n_eval} if n_eval else {}))
-    if setup == "smollm2":
-        import llm
-
-        return llm.smollm2_setup(smoke=smoke, **({"n_eval_seq": n_eval} if n_eval else {}))
-    raise ValueError(f"--setup: expected mlp, cnn, minilm, minilm_heads or smollm2, got {setup!r}")
 
 
 def plan(methods: list[str], modes: list[str], scopes: list[str], extra: bool,
@@ -78,18 +59,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--fractions", type=float, nargs="+", default=FRACTIONS)
     ap.add_argument("--no-round-study", action="store_true", help="skip the 2.5/10%% round-size runs")
     ap.add_argument("--random-draws", type=int, default=3)
-    ap.add_argument("--n-eval", type=int, default=None,
-                    help="MiniLM: eval snippets (default 1000); SmolLM2: eval sequences of 256 tokens (default 40)")
-    ap.add_argument("--eval-skip", type=int, default=0,
-                    help="minilm_heads: evaluate on the --n-eval snippets before the last EVAL_SKIP (a disjoint "
-                         "replication set when EVAL_SKIP >= the first run's --n-eval)")
-    ap.add_argument("--smoke", action="store_true", help="tiny budget: one seed, 3 methods, 1 epoch models")
+    ap.add_argument("--smoke", action="store_true", help="tiny budget: one seed, 3 methods, one scope")
     ap.add_argument("--out", required=True, type=Path)
     a = ap.parse_args(argv)
     unknown = [m for m in a.methods if m not in METHODS]
     if unknown:
         ap.error(f"--methods: unknown {unknown}; expected names from {sorted(METHODS)}")
-    common.setup_threads()
+    setup_threads()
     heads = a.setup == "minilm_heads"
     if a.smoke and heads:
         a.seeds, a.methods, a.modes, a.random_draws, a.no_round_study = a.seeds[:1], ["spectral", "random"], \
@@ -100,32 +76,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         a.scopes, a.random_draws, a.no_round_study = ["layer1"], 1, True
     if heads and (set(a.scopes) != {"all"} or set(a.modes) - {"oneshot", "iter1head"}):
         ap.error("--setup minilm_heads: expected --scopes all and --modes from oneshot, iter1head")
-    if a.eval_skip and a.setup != "minilm_heads":
-        ap.error(f"--eval-skip: only for --setup minilm_heads, got --setup {a.setup}")
     if not heads and "iter1head" in a.modes:
         ap.error("--modes iter1head: only for --setup minilm_heads")
     out: dict[str, Any] = {"experiment": "removal", "setup": a.setup, "argv": sys.argv[1:] if argv is None
                            else argv, "smoke": a.smoke, "machine": machine_info(), "fractions": a.fractions,
                            "models": {}, "runs": []}
+    t_start = time.perf_counter()
     for seed in a.seeds:
-        st = load(a.setup, seed, a.smoke, a.n_eval, a.eval_skip)
+        st = load_setup(a.setup, seed)
         out["models"][str(seed)] = st.info
-        groups_all = [] if heads else list(st.groups)
         for scope, method, mode, draw in plan(a.methods, a.modes, a.scopes, not a.no_round_study,
                                               a.random_draws):
             rf, nbh = MODES[mode]
             t = time.perf_counter()
-            if heads:
-                r = common.run_head_removal(st, method, a.fractions, iterative=mode == "iter1head", seed=draw)
-            else:
-                r = run_removal(st, groups_all[:1] if scope == "layer1" else groups_all, method, a.fractions,
-                                round_frac=rf, one_per_nbh=nbh, seed=draw)
+            r = run_removal(st, [st.single] if scope == "layer1" else list(st.names), method, a.fractions,
+                            round_frac=rf, one_per_nbh=nbh, seed=draw)
             r.update(scope=scope, mode=mode, model_seed=seed, draw=draw, wall_seconds=time.perf_counter() - t)
             out["runs"].append(r)
             print(f"[{a.setup} seed{seed}] {scope:6s} {method:18s} {mode:10s} "
                   + " ".join(f"{p['metric']:.3f}" for p in r["points"]) + f"  ({r['wall_seconds']:.1f}s)",
                   flush=True)
             write_json(a.out, out)
+    out["seconds_total"] = time.perf_counter() - t_start
     write_json(a.out, out)
     return out
 

@@ -3,15 +3,16 @@ number on the results page comes from a JSON an experiment wrote.
 
   python research/experiments/make_report.py
 
-The page is report_template.md with each {{table:...}} / {{plot:...}} marker replaced; markers name an
-evidence file and a view (see TABLES)."""
+The page is report_template.md with each {{table:KIND:FILES[:...]}} / {{plot:KIND:FILE[:SCOPE]}} marker
+replaced (kinds: see ``render``); ``experiments`` and ``changes`` list every experiment's command, runtime and
+provenance, and the old (OLD_COMMIT) against the new headline figures of every rerun experiment. Needs only
+numpy and matplotlib (no product import), and git for the old figures."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
-import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -19,19 +20,18 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import EVIDENCE, ROOT  # noqa: E402
-
+ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "research"
+EVIDENCE = RESULTS / "results"  # the JSONs (and PNGs) the page cites; no product import needed to render
 MAIN_ROWS = ["spectral", "spectral_s128", "spectral_full", "spectral_rev", "spectral_sym", "hybrid", "hybrid_full",
              "hybrid_rank", "wanda_sp", "flap", "act_var", "act_mean", "weight_l1", "weight_l2", "taylor", "apoz",
              "random"]
 
 
 def _load(name: str) -> dict[str, Any] | None:
-    """One evidence JSON, or several joined by '+' (same setup and fractions): their runs are pooled, the
-    model info is the first file's. Missing files are skipped; None if none exists."""
+    """One evidence JSON, or several joined by '+' (same setup and fractions, all made by the same code):
+    their runs are pooled, the model info is the first file's. Missing files are skipped; None if none
+    exists."""
     parts = [EVIDENCE / n for n in name.split("+")]
     found = [json.loads(p.read_text()) for p in parts if p.exists()]
     if not found:
@@ -40,6 +40,8 @@ def _load(name: str) -> dict[str, Any] | None:
     for extra in found[1:]:
         if extra.get("fractions") != data.get("fractions"):
             raise ValueError(f"{name}: expected the same fractions in every file")
+        if ported(extra) != ported(data):
+            raise ValueError(f"{name}: expected files made by the same code, got ported and pre-port runs")
         data["runs"] = data["runs"] + extra["runs"]
     return data
 
@@ -93,13 +95,12 @@ def removal_table(data: dict[str, Any], scope: str, modes: list[str], rows: list
             + "\n".join(b for _, b in body) + "\n")
 
 
-MLP_FILES = "removal_mlp.json+removal_mlp_top_first.json+removal_mlp_hybrid_taylor.json"
-HEADLINE = [("MNIST MLP, layer 1", MLP_FILES, "layer1"), ("MNIST MLP, both layers", MLP_FILES, "all"),
-            ("MNIST CNN, conv1", "removal_cnn.json", "layer1"), ("MNIST CNN, both convs", "removal_cnn.json", "all"),
+MLP_FILES = "removal_mlp.json"
+HEADLINE = [("MLP, layer 1", MLP_FILES, "layer1"), ("MLP, both layers", MLP_FILES, "all"),
+            ("MNIST CNN, conv1", "removal_cnn.json", "layer1"), ("MNIST CNN, all layers", "removal_cnn.json", "all"),
             ("MiniLM FFN, layer 3", "removal_minilm_layer.json", "layer1"),
             ("MiniLM FFN, all 6 layers", "removal_minilm.json+removal_minilm_knobs.json", "all"),
-            ("MiniLM attention heads, all 6 layers", "removal_minilm_heads.json+removal_minilm_heads_knobs.json",
-             "all"),
+            ("MiniLM attention heads, all 6 layers", "removal_minilm_heads.json", "all"),
             ("SmolLM2 FFN, 4 layers", "removal_smollm2.json", "all")]
 
 
@@ -118,8 +119,8 @@ def headline_table() -> str:
     spectral-family entry, the best baseline and random one-shot (no fine-tune)."""
     lines = ["| setup (no fine-tune, mean over fractions) | random one-shot | spectral default one-shot | "
              "best pure spectral variant (selection) | best spectral hybrid (selection) | best baseline (selection) "
-             "| best pure spectral − random |",
-             "|---|---|---|---|---|---|---|"]
+             "| best pure spectral − random | made by |",
+             "|---|---|---|---|---|---|---|---|"]
     for label, files, scope in HEADLINE:
         data = _load(files)
         if data is None:
@@ -131,7 +132,7 @@ def headline_table() -> str:
         rnd = mean.get(("random", "oneshot"), float("nan"))
         fr = ",".join(f"{int(f * 100)}" for f in data["fractions"])
 
-        def best(fam: str) -> tuple[str, float]:
+        def best(fam: str, mean: dict[tuple[str, str], float] = mean) -> tuple[str, float]:
             ks = [k for k in mean if _family(k[0]) == fam]
             if not ks:
                 return "", float("nan")
@@ -142,7 +143,10 @@ def headline_table() -> str:
         bh, _ = best("hybrid")
         bb, _ = best("baseline")
         d = mean.get(("spectral", "oneshot"), float("nan"))
-        lines.append(f"| {label} ({fr}% removed) | {rnd:.3f} | {d:.3f} | {bs} | {bh} | {bb} | {bsv - rnd:+.3f} |")
+        made = (f"rerun, {_setup_of(data)}" if ported(data)
+                else f"pre-port code at {data.get('machine', {}).get('git_sha', '?')}")
+        lines.append(f"| {label} ({fr}% removed) | {rnd:.3f} | {d:.3f} | {bs} | {bh} | {bb} | {bsv - rnd:+.3f} "
+                     f"| {made} |")
     return "\n".join(lines) + "\n"
 
 
@@ -270,19 +274,24 @@ def _save_fig(fig: Any, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
     os.close(fd)
     fig.savefig(tmp, dpi=110)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
 PLOT_METHODS = [("spectral", "oneshot"), ("spectral", "iter5_nbh"), ("hybrid_rank", "iter5_nbh"),
                 ("wanda_sp", "oneshot"), ("taylor", "iter5"), ("random", "oneshot"), ("random", "iter5_nbh")]
 
-PLOT_METHODS_BY_SETUP = {"minilm_heads": [("spectral", "oneshot"), ("spectral", "iter1head"), ("hybrid_rank", "oneshot"),
-                                          ("wanda_sp", "oneshot"), ("taylor", "oneshot"), ("taylor", "iter1head"),
-                                          ("random", "oneshot"), ("random", "iter1head")]}
+PLOT_METHODS_BY_SETUP = {
+    "minilm_heads": [("spectral", "oneshot"), ("spectral", "iter1head"), ("spectral_s2", "oneshot"),
+                     ("hybrid_rank", "oneshot"), ("wanda_sp", "oneshot"), ("taylor", "oneshot"),
+                     ("taylor", "iter1head"), ("random", "oneshot"), ("random", "iter1head")],
+    "cnn": [("spectral", "oneshot"), ("spectral", "iter10_nbh"), ("hybrid_rank", "iter10_nbh"),
+            ("wanda_sp", "oneshot"), ("wanda_sp", "iter10_nbh"), ("taylor", "iter10_nbh"), ("random", "oneshot"),
+            ("random", "iter10_nbh")]}
 
 
 def driver_table(folder: str) -> str:
-    """One row per run from the report.json files ``spectra prune`` wrote (copied into evidence/<folder>/)."""
+    """One row per run from the report.json files ``spectra prune`` wrote (copied into results/<folder>/)."""
     runs = [json.loads(p.read_text()) for p in sorted((EVIDENCE / folder).glob("*.json"))]
     if not runs:
         return f"*(not run yet: {folder})*\n"
@@ -299,8 +308,8 @@ def driver_table(folder: str) -> str:
 
 
 def magnitude_table(data: dict[str, Any]) -> str:
-    out = ("| FFN layer | max / median ‖a_i‖₂ | spectral percentile of the 5 largest-‖a_i‖₂ units (0 = pruned first) |\n"
-           "|---|---|---|\n")
+    out = ("| FFN layer | max / median ‖a_i‖₂ | spectral percentile of the 5 largest-‖a_i‖₂ units "
+           "(0 = pruned first) |\n|---|---|---|\n")
     for lay in data["layers"]:
         ps = ", ".join(f"{p:.2f}" for p in lay["spectral_percentile_of_top"])
         out += f"| {lay['group']} | {lay['max_over_median_l2']:.1f} | {ps} |\n"
@@ -309,12 +318,187 @@ def magnitude_table(data: dict[str, Any]) -> str:
                   f"(uniform: 5 %); below 0.25: {data['fraction_of_top_below_0.25']:.0%} (uniform: 25 %).\n")
 
 
+# ---------------------------------------------------------------------------------------------- provenance
+OLD_COMMIT = "0bf8f88"  # the last commit whose evidence came from the pre-port experiment code
+# step -> (evidence files, what it shows); the command is `bash research/experiments/run_all.sh STEP`
+EXPERIMENTS: list[tuple[str, str, str]] = [
+    ("removal_mlp", "removal_mlp.json", "MLP neurons: cumulative removal without fine-tune, every method (with "
+     "the top-first sanity gate and the spectral x Taylor rank) x one-shot / iterative / one per neighbourhood, "
+     "layer 1 and both layers, round sizes"),
+    ("ablation_mlp", "ablation_mlp.json", "single-unit ablation truth vs every score, MLP layer 1"),
+    ("ablation_mlp_layer2", "ablation_mlp_layer2.json", "the same, MLP layer 2"),
+    ("finetune_mlp", "finetune_mlp.json", "accuracy vs EPR after one recovery fine-tune (sg.prune), MLP"),
+    ("removal_cnn", "removal_cnn.json", "CNN channels + fc neurons (mnist-cnn): cumulative removal, no fine-tune"),
+    ("finetune_cnn", "finetune_cnn.json", "accuracy vs EPR after one recovery fine-tune (sg.prune), CNN"),
+    ("removal_minilm", "removal_minilm.json", "MiniLM FFN neurons, all 6 layers: cumulative removal, no fine-tune"),
+    ("removal_minilm_knobs", "removal_minilm_knobs.json", "the same, s = 2 and s = 8 eigenpairs"),
+    ("removal_minilm_layer", "removal_minilm_layer.json", "MiniLM FFN layer 3 only"),
+    ("removal_minilm_heads", "removal_minilm_heads.json", "MiniLM attention heads: removal without fine-tune"),
+    ("removal_minilm_heads_knobs", "removal_minilm_heads_knobs.json", "the same, spectral knob variants"),
+    ("removal_minilm_heads_replication", "removal_minilm_heads_replication.json",
+     "heads on 4,000 other held-out snippets (replication of s = 2)"),
+    ("ablation_minilm", "ablation_minilm.json", "single-unit ablation, MiniLM FFN layer 3 (192 neurons)"),
+    ("finetune_minilm", "finetune_minilm.json", "MiniLM FFN + heads, accuracy vs EPR after fine-tune (sg.prune)"),
+    ("finetune_minilm_heads", "finetune_minilm_heads.json", "MiniLM heads only, s = 2 vs baselines, fine-tuned"),
+    ("removal_smollm2", "removal_smollm2.json", "SmolLM2 FFN neurons (4 layers): removal without fine-tune"),
+    ("finetune_smollm2", "finetune_smollm2.json", "SmolLM2 FFN + heads, perplexity vs EPR after fine-tune"),
+    ("magnitude_smollm2", "magnitude_smollm2.json", "is the spectral score blind to massive activations?"),
+]
+NOT_IN_RUN_ALL = {"removal_minilm_heads_replication", "finetune_minilm_heads", "finetune_smollm2",
+                  "magnitude_smollm2"}
+
+
+def _seconds(data: dict[str, Any]) -> float:
+    """Compute time an evidence JSON records (its own total, else the sum over its runs)."""
+    if "seconds_total" in data:
+        return float(data["seconds_total"])
+    if "seconds" in data:
+        return float(data["seconds"])
+    tot = float(data.get("ground_truth_seconds") or 0.0)
+    tot += sum(float(r.get("score_seconds", 0.0)) for r in data.get("methods", []))
+    for r in data.get("runs", []):
+        tot += float(r.get("wall_seconds", r.get("seconds_total", r.get("prune_seconds", 0.0)
+                                                              + r.get("ft_seconds", 0.0))))
+    return tot
+
+
+def _minutes(sec: float) -> str:
+    return f"{sec / 60:.1f} min" if sec >= 60 else f"{sec:.0f} s"
+
+
+def ported(data: dict[str, Any]) -> bool:
+    """Whether the JSON was written by the ported experiment code (capture, masking, data all the product's)."""
+    return str(data.get("machine", {}).get("code", "")).startswith("product API")
+
+
+OLD_PARTS = {"removal_mlp.json": ["removal_mlp_top_first.json", "removal_mlp_hybrid_taylor.json"]}  # then apart
+
+
+def _old(file: str) -> dict[str, Any] | None:
+    """The evidence JSON as it was at OLD_COMMIT (git history; runs of OLD_PARTS pooled in), or None."""
+    import subprocess
+
+    def show(name: str) -> dict[str, Any] | None:
+        try:
+            txt = subprocess.run(["git", "show", f"{OLD_COMMIT}:research/results/{name}"], capture_output=True,
+                                 text=True, cwd=ROOT, check=True).stdout
+            return json.loads(txt)  # type: ignore[no-any-return]
+        except (OSError, subprocess.CalledProcessError, json.JSONDecodeError):
+            return None
+
+    data = show(file)
+    for part in OLD_PARTS.get(file, []) if data is not None else []:
+        extra = show(part)
+        if extra is not None:
+            data["runs"] = data["runs"] + extra["runs"]  # type: ignore[index]
+    return data
+
+
+def headline(data: dict[str, Any], target: float | None = None) -> str:
+    """One line of the experiment's headline figures (what the 'what changed' lines compare); fine-tune
+    experiments at EPR ``target`` (default: their largest)."""
+    exp = data.get("experiment")
+    if exp == "removal":
+        scopes = {r["scope"] for r in data["runs"]}
+        scope = "all" if "all" in scopes else sorted(scopes)[0]
+        cells = removal_cells(data["runs"], scope)
+        mean = {k: float(c["vals"].mean()) for k, c in cells.items()}
+        fr = "/".join(f"{int(f * 100)}" for f in data["fractions"])
+        parts = [f"{m} {mo} {mean[(m, mo)]:.3f}" for m, mo in (("spectral", "oneshot"), ("random", "oneshot"))
+                 if (m, mo) in mean]
+        for m in ("spectral_top_first", "hybrid_taylor_rank", "spectral_s2"):
+            best = [k for k in mean if k[0] == m]
+            if best:  # one-shot where it ran (as the default's figure), else its best selection
+                k = (m, "oneshot") if (m, "oneshot") in mean else max(best, key=lambda k: mean[k])
+                parts.append(f"{m} {k[1]} {mean[k]:.3f}")
+        base = [k for k in mean if _family(k[0]) == "baseline"]
+        if base:
+            k = max(base, key=lambda k: mean[k])
+            parts.append(f"best baseline {k[0]} ({k[1]}) {mean[k]:.3f}")
+        return f"scope {scope}, mean over {fr}% removed: " + ", ".join(parts)
+    if exp == "ablation":
+        rows = {r["method"]: r for r in data["methods"]}
+        key = "spearman_kl" if "spearman_kl" in next(iter(rows.values())) else "spearman_abs_dloss"
+        base = [r for m, r in rows.items() if _family(m) == "baseline" and np.isfinite(r.get(key, np.nan))]
+        best = max(base, key=lambda r: r[key]) if base else None
+        out = f"Spearman with {key[9:]}: spectral {rows['spectral'][key]:+.2f}" if "spectral" in rows else ""
+        return out + (f", best baseline {best['method']} {best[key]:+.2f}" if best else "")
+    if exp == "finetune":
+        t = target if target is not None else max(r["epr_target"] for r in data["runs"])
+        per: dict[str, list[float]] = defaultdict(list)
+        for r in data["runs"]:
+            if r["epr_target"] == t:
+                per[r["method"]].append(r["after_ft"]["metric"])
+        hib = data.get("higher_is_better", True)
+        ranked = sorted(per, key=lambda m: (-1 if hib else 1) * np.mean(per[m]))
+        d = 3 if hib else 0
+        parts = [f"{m} {np.mean(per[m]):,.{d}f}" for m in ("spectral", "random") if m in per]
+        best = f"best {ranked[0]} {np.mean(per[ranked[0]]):,.{d}f}"
+        return f"after FT at EPR {int(t * 100)}%: " + ", ".join(parts + [best])
+    if exp == "magnitude_blind":
+        return f"mean spectral percentile of the largest-activation units {data['mean_percentile_of_top']:.2f}"
+    return ""
+
+
+def _setup_of(data: dict[str, Any]) -> str:
+    info = next(iter(data.get("models", {}).values()), None) or data.get("model") or {}
+    if isinstance(info, dict) and "task" in info:
+        return f"task {info['task']}"
+    if data.get("driver"):
+        return f"task {data['setup']}"
+    return f"setup {data.get('setup', data.get('task', '?'))}"
+
+
+def experiments_table() -> str:
+    """Per experiment: what it shows, the command, the compute it took, and where its numbers come from."""
+    lines = ["| experiment | what it shows | command | runtime here (1 thread) | provenance |", "|---|---|---|---|---|"]
+    for step, file, what in EXPERIMENTS:
+        data = _load(file)
+        if data is None:
+            continue
+        cmd = f"`bash research/experiments/run_all.sh {step}`" if step not in NOT_IN_RUN_ALL else "see its section"
+        sha = data.get("machine", {}).get("git_sha", "?")
+        if ported(data):
+            prov = f"**rerun at {sha} through the product API** ({_setup_of(data)})"
+        elif data.get("driver") or data.get("experiment") == "magnitude_blind":
+            prov = f"not rerun: made at {sha} through the product (`sg.prune` / `sg.capture`), before the port"
+        else:
+            prov = (f"not rerun: made at {sha} by the pre-port code (`research/experiments/*.py` at {OLD_COMMIT}: "
+                    "own capture, masking and data)")
+        lines.append(f"| `{step}` | {what} | {cmd} | {_minutes(_seconds(data))} | {prov} |")
+    return "\n".join(lines) + "\n"
+
+
+def changes_list() -> str:
+    """For every rerun experiment: old (OLD_COMMIT) vs new headline figures, both from the JSONs."""
+    out = []
+    for step, file, _ in EXPERIMENTS:
+        data = _load(file)
+        if data is None or not ported(data):
+            continue
+        old = _old(file)
+        if old is None:
+            out.append(f"- `{step}` (new): {headline(data)}.")
+            continue
+        t = None
+        if data.get("experiment") == "finetune":  # compare at the largest EPR target both ran
+            both = {r["epr_target"] for r in data["runs"]} & {r["epr_target"] for r in old["runs"]}
+            t = max(both) if both else None
+        out.append(f"- `{step}`: {_setup_of(old)} → {_setup_of(data)}. Old ({OLD_COMMIT}): {headline(old, t)}. "
+                   f"New: {headline(data, t)}.")
+    return ("\n".join(out) if out else "*(no experiment rerun yet)*") + "\n"
+
+
 def render(template: str) -> str:
     def table(mt: re.Match) -> str:
         spec = mt.group(1).split(":")
         kind, name = spec[0], spec[1]
         if kind == "driver":
             return driver_table(name)
+        if kind == "experiments":
+            return experiments_table()
+        if kind == "changes":
+            return changes_list()
         data = _load(name) if kind != "headline" else {}
         if data is None:
             return f"*(not run yet: {name})*\n"
@@ -348,7 +532,7 @@ def render(template: str) -> str:
             plot_removal(data, spec[2], png, meths)
         else:
             plot_finetune(data, png)
-        return f"![{png.stem}](evidence/{png.name})\n"
+        return f"![{png.stem}](results/{png.name})\n"
 
     out = re.sub(r"\{\{table:([^}]+)\}\}", table, template)
     return re.sub(r"\{\{plot:([^}]+)\}\}", plot, out)
