@@ -120,6 +120,10 @@ class EprBasis:
         """EPR at ``params`` parameters on the configured basis."""
         return self.total(params) if self.basis == "total" else self.prunable(params)
 
+    def params_at(self, target: float) -> float:
+        """The (real-valued) parameter count whose EPR is exactly ``target``."""
+        return self.params_before - target * self.denominator
+
     def budget(self, target: float) -> int:
         """Largest parameter count whose EPR is >= ``target``."""
         return self.params_before - math.ceil(target * self.denominator - 1e-9)

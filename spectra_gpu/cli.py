@@ -50,6 +50,16 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _at_least_one(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s}")
+    return v
+
+
 def _scorer_options(args: argparse.Namespace) -> dict[str, Any]:
     opts: dict[str, Any] = {}
     for key in ("k", "num_eigs", "direction", "preprocess"):
@@ -93,11 +103,12 @@ def _run_prune(args: argparse.Namespace, *, quiet: bool = False) -> dict[str, An
         ft = FinetuneConfig(**{**ft.to_dict(), **over})
     cfg = PruneConfig(target=args.target, scorer=args.scorer, kinds=tuple(args.kinds or task.kinds),
                       round_fraction=args.round_fraction, allocation=args.allocation,
+                      uniform_widths=args.uniform_widths, round_to=args.round_to,
                       one_per_neighbourhood=args.one_per_neighbourhood, epr_basis=args.epr_basis or task.epr_basis,
                       scorer_options=_scorer_options(args), seed=args.seed, track_metric=not args.no_track_metric,
                       recalibrate_bn=task.recalibrate_bn if args.recalibrate_bn is None else args.recalibrate_bn,
                       finetune=ft)
-    if not quiet:
+    if not quiet and not getattr(args, "quiet", False):
         print(f"{task.model_name} on {task.data_name}: {task.info}", file=sys.stderr)
     res = prune(task.model, task.calib, cfg, out_dir=args.out, resume=args.resume,
                 keep_checkpoints=args.keep_checkpoints, loss_fn=task.loss_fn,
@@ -105,7 +116,7 @@ def _run_prune(args: argparse.Namespace, *, quiet: bool = False) -> dict[str, An
                 forward=task.forward, tokenizer=task.extra.get("tokenizer"),
                 meta={"model": task.model_name, "data": task.data_name, "data_info": task.info,
                       "higher_is_better": task.higher_is_better, "flops_input": task.flops_input,
-                      "seconds_setup": task.seconds_setup})
+                      "seconds_setup": task.seconds_setup, "command": getattr(args, "command_line", None)})
     rep = res.report
     if not quiet:
         _print_summary(rep, time.perf_counter() - t0, args.out)
@@ -120,11 +131,20 @@ def _print_summary(r: dict[str, Any], seconds: float, out: str | None) -> None:
     print(f"{r['model']} ({r['data']}), scorer {r['scorer']}: {len(r['rounds'])} rounds")
     print(f"  parameters: {r['params_before']:,} -> {r['params_after']:,}  (EPR {r['epr']:.4f} on the "
           f"{r['epr_basis']} basis, target {r['target']}; total {r['epr_total']:.4f})")
+    if r.get("uniform_widths"):
+        print(f"  widths: uniform across layers ({r['epr_statement']})")
     print(f"  {m}: before {f(r['metric_before'])} | after pruning {f(r['metric_after_prune'])} | "
           f"after fine-tune {f(r['metric_after_finetune'])}")
     print(f"  time: scoring {r['seconds_scoring']:.1f} s, pruning run {r['seconds_total']:.1f} s, "
           f"all (incl. model/data setup) {seconds:.1f} s")
     if out is not None:
+        model_dir = Path(out) / "model"
+        if model_dir.is_dir():
+            from .io import loader_hint
+
+            print(f"  model: {loader_hint(model_dir)}")
+            if not r.get("saved_model", {}).get("standard") and r["model"] in ("digits-mlp", "mnist-cnn", "minilm-rt"):
+                print(f"  (or pass it back to spectra: --model {model_dir} rebuilds the built-in architecture)")
         print(f"  report: {Path(out) / 'report.md'}")
 
 
@@ -138,15 +158,17 @@ def _demo(args: argparse.Namespace) -> int:
     args.data, args.resume, args.keep_checkpoints, args.kinds = None, False, False, None
     args.optimizer = args.lr = args.epochs = args.steps = None
     args.allocation, args.epr_basis, args.one_per_neighbourhood, args.no_track_metric = "uniform", None, False, False
-    args.recalibrate_bn = None
+    args.recalibrate_bn = args.uniform_widths = None
+    args.round_to = 8
     args.k = args.num_eigs = args.direction = args.preprocess = None
-    print(f"spectra demo: train (or load) {args.model}, prune {args.target:.0%} of its parameters with the "
+    note = (lambda *a, **k: None) if args.quiet else print
+    note(f"spectra demo: train (or load) {args.model}, prune {args.target:.0%} of its parameters with the "
           f"{args.scorer} scorer in {args.round_fraction:.0%} rounds, fine-tune once", file=sys.stderr)
     args.out = str(base / args.scorer)
     main_rep = _run_prune(args)
     rows = [main_rep]
     for name in args.compare:
-        print(f"same recipe, scorer {name}:", file=sys.stderr)
+        note(f"same recipe, scorer {name}:", file=sys.stderr)
         args.scorer, args.out = name, str(base / name)
         rows.append(_run_prune(args, quiet=True))
     if args.compare:
@@ -227,7 +249,15 @@ def _add_prune_opts(p: argparse.ArgumentParser, *, demo: bool) -> None:
                    help="share of each group's width removed per round (default 0.05)")
     if demo:
         return
-    p.add_argument("--allocation", choices=("uniform", "global"), default="uniform")
+    p.add_argument("--allocation", choices=("uniform", "global"), default="uniform",
+                   help="uniform: the same share of every group per round; global: pooled by within-layer "
+                   "percentile, so layers end with different widths (non-uniform)")
+    p.add_argument("--uniform-widths", action=argparse.BooleanOptionalAction, default=None,
+                   help="every layer keeps the same number of FFN neurons and of query / KV heads, so a pruned "
+                   "Hugging Face model saves with a standard config.json (default: on for Hugging Face models "
+                   "with --allocation uniform, off for plain models)")
+    p.add_argument("--round-to", type=_at_least_one, default=8,
+                   help="with uniform widths, neuron / FFN widths are multiples of this (default 8)")
     p.add_argument("--one-per-neighbourhood", action="store_true",
                    help="at most one unit per input-graph kNN neighbourhood per round")
     p.add_argument("--epr-basis", choices=("total", "prunable"), default=None,
@@ -235,7 +265,7 @@ def _add_prune_opts(p: argparse.ArgumentParser, *, demo: bool) -> None:
     p.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default=None, help="fine-tune optimiser")
     p.add_argument("--lr", type=float, default=None, help="fine-tune learning rate")
     p.add_argument("--epochs", type=_positive_int, default=None, help="fine-tune epochs (0 = none)")
-    p.add_argument("--steps", type=int, default=None, help="cap on fine-tune optimiser steps")
+    p.add_argument("--steps", type=_at_least_one, default=None, help="cap on fine-tune optimiser steps")
     p.add_argument("--no-track-metric", action="store_true", help="skip the metric after every round")
     p.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=None,
                    help="re-estimate BatchNorm running statistics on the calibration batches after every round "
@@ -243,6 +273,12 @@ def _add_prune_opts(p: argparse.ArgumentParser, *, demo: bool) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep DIR/checkpoint.safetensors after the run succeeds (default: removed)")
+
+
+def _add_output_opts(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--progress", action="store_true", help="progress bars on stderr even when it is not a terminal")
+    g.add_argument("--quiet", action="store_true", help="no progress bars and no notes on stderr (errors still)")
 
 
 def _add_demo(sub: Any) -> None:
@@ -257,17 +293,20 @@ def _add_demo(sub: Any) -> None:
                    "none: --compare with no names)")
     d.add_argument("--seed", type=_positive_int, default=0)
     _add_prune_opts(d, demo=True)
+    _add_output_opts(d)
 
 
 def _add_prune(sub: Any) -> None:
     pr = sub.add_parser("prune", help="prune a model to a target effective parameter reduction, fine-tune, report")
     _add_common(pr, need_out=True)
     _add_prune_opts(pr, demo=False)
+    _add_output_opts(pr)
 
 
 def _add_score(sub: Any) -> None:
     sc = sub.add_parser("score", help="score every group once and save the scores per group")
     _add_common(sc, need_out=True)
+    _add_output_opts(sc)
 
 
 def _add_report(sub: Any) -> None:
@@ -299,9 +338,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import shlex
+
+    from ._progress import forced
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["spectra", *argv])
+    bars = True if getattr(args, "progress", False) else False if getattr(args, "quiet", False) else None
     try:
-        return int(COMMANDS[args.cmd][1](args))
+        with forced(bars):
+            return int(COMMANDS[args.cmd][1](args))
     except (ValueError, TypeError, OSError, ImportError) as e:
         if os.environ.get("SPECTRA_GPU_DEBUG") == "1":
             raise

@@ -3,6 +3,7 @@ when its target cannot be reached (docs/algorithm.md section 7)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,6 +32,12 @@ class PruneConfig:
     fails. track_metric: evaluate after every round. recalibrate_bn: after every round re-estimate BatchNorm
     running statistics on the calibration batches (buffers only, no parameter update; "adaptive BN"), since
     removing upstream channels shifts a BatchNorm's inputs. finetune: the one recovery fine-tune.
+    uniform_widths: keep every layer's width equal within each uniform class (groups of one kind and unit with
+    the same original width: every FFN layer, every attention layer's query / KV heads), so a pruned Hugging
+    Face model is described by its standard config; None (default) = on for models made of Hugging Face
+    transformer layers with the 'uniform' allocation, off otherwise (plain modules, 'global' allocation).
+    round_to: with uniform widths, neuron / channel / FFN widths are multiples of it (default 8, GPU-friendly
+    shapes); the EPR then lands on the achievable EPR nearest the target, which may sit on either side of it.
     """
 
     target: float = 0.5
@@ -47,6 +54,8 @@ class PruneConfig:
     track_metric: bool = True
     recalibrate_bn: bool = False
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    uniform_widths: bool | None = None
+    round_to: int = 8
 
     def __post_init__(self) -> None:
         if isinstance(self.target, bool) or not isinstance(self.target, (int, float)) or not 0 < self.target < 1:
@@ -71,11 +80,26 @@ class PruneConfig:
             raise ValueError(f"max_rounds: expected an int >= 1, got {self.max_rounds!r}")
         if not isinstance(self.finetune, FinetuneConfig):
             raise TypeError(f"finetune: expected a FinetuneConfig, got {type(self.finetune).__name__}")
+        if self.uniform_widths is not None and not isinstance(self.uniform_widths, bool):
+            raise TypeError(f"uniform_widths: expected True, False or None, got {self.uniform_widths!r}")
+        if self.uniform_widths and self.allocation == "global":
+            raise ValueError("uniform_widths: the 'global' allocation gives each layer its own width; expected "
+                             "allocation='uniform' with uniform_widths=True, got allocation='global'")
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+            raise ValueError(f"round_to: expected an int >= 1, got {self.round_to!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["kinds"] = list(self.kinds)
         return d
+
+    def uniform_for(self, archs: Iterable[str]) -> bool:
+        """Whether a run on groups of these ``arch`` values ('plain', 'bert', 'llama', ...) keeps uniform widths:
+        ``uniform_widths`` if set, else True for Hugging Face transformer layers under the 'uniform'
+        allocation."""
+        if self.uniform_widths is not None:
+            return self.uniform_widths
+        return self.allocation == "uniform" and any(a != "plain" for a in archs)
 
     @property
     def k(self) -> int:

@@ -26,10 +26,10 @@ from torch import nn
 
 from . import accounting
 from . import units as _units
-from ._progress import progress
+from ._progress import Bar
 from .config import EPR_BASES, HEAD_K, KINDS, PruneConfig, TargetUnreachableError
 from .finetune import finetune
-from .report import score_summary, torch_save, write_json
+from .report import epr_statement, provenance, score_summary, torch_save, write_json
 from .rounds import (
     Baseline,
     RoundRecord,
@@ -38,6 +38,7 @@ from .rounds import (
     head_counts,
     min_keep,
     params_at_floor,
+    planned_rounds,
     prune_round,
     recalibrate_bn,
 )
@@ -105,6 +106,7 @@ class _Run:
         self.state: RunState | None = None
         self.groups: list[UnitGroup] = []
         self.finished: dict[str, Any] | None = None  # the stored report of a finished run being resumed
+        self.resumed = False  # continued from a checkpoint
         if self.store is not None and resume:
             self._resume()
 
@@ -135,6 +137,7 @@ class _Run:
             self._replay(ck.state.widths_before, ck.state.rounds)
             load_model_state(self.model, ck.model_state)
             self.state = ck.state
+            self.resumed = True
             return
         rep = self.store.stored_report()
         if rep is None:
@@ -233,33 +236,47 @@ class _Run:
         cfg = self.cfg
         base = st.baseline(cfg.epr_basis)
         budget = base.epr.budget(cfg.target)
-        bar = progress(range(len(st.rounds), cfg.max_rounds), desc=f"pruning ({cfg.scorer}) to EPR {cfg.target}")
-        for rnd in bar:
-            p_now = accounting.count_params(self.model)
-            if p_now <= budget:
-                break
-            self._event("round_start", round=rnd + 1, params=p_now)
-            rec = prune_round(self.model, self.groups, cfg, calib=self.calib, baseline=base, round_index=rnd,
-                              forward=self.forward, loss_fn=self.loss_fn)
-            self.groups = self._discover()  # the structure changed: discover once
-            if rnd == 0:
-                st.score_distributions = {g: score_summary(o.scores) for g, o in rec.outputs.items()}
-                st.eigenvalues = {g: o.extra["eigenvalues"].tolist() for g, o in rec.outputs.items()
-                                  if "eigenvalues" in o.extra}
-            st.seconds_scoring += rec.seconds_scoring
-            st.seconds_capture += rec.seconds_capture
-            st.seconds_scorer += rec.seconds_scorer
-            if cfg.track_metric:
-                rec.set_metric(self._metric())
-            st.rounds.append(rec)
-            st.seconds_prior = before + time.perf_counter() - t0
-            self._save()
-            self._event("round_end", **rec.to_dict())
-        else:
-            p = accounting.count_params(self.model)
-            if p > budget:
-                raise RuntimeError(f"pruning stopped after max_rounds={cfg.max_rounds} rounds at EPR "
-                                   f"{base.epr(p):.4f} < target {cfg.target}")
+        done = len(st.rounds)
+        bar = Bar(done + planned_rounds(self.model, self.groups, cfg, base, done),
+                  desc=f"pruning ({cfg.scorer}) to EPR {cfg.target}", unit="round")
+        bar.update(done)
+        stopped = bool(st.rounds) and st.rounds[-1].trimmed
+        try:
+            for rnd in range(done, cfg.max_rounds):
+                p_now = accounting.count_params(self.model)
+                if p_now <= budget or stopped:
+                    break
+                self._event("round_start", round=rnd + 1, params=p_now)
+                rec = prune_round(self.model, self.groups, cfg, calib=self.calib, baseline=base, round_index=rnd,
+                                  forward=self.forward, loss_fn=self.loss_fn)
+                if not rec.removed:  # uniform widths: the last round already sits nearest the target
+                    break
+                self.groups = self._discover()  # the structure changed: discover once
+                stopped = rec.trimmed
+                if rnd == 0:
+                    st.score_distributions = {g: score_summary(o.scores) for g, o in rec.outputs.items()}
+                    st.eigenvalues = {g: o.extra["eigenvalues"].tolist() for g, o in rec.outputs.items()
+                                      if "eigenvalues" in o.extra}
+                st.seconds_scoring += rec.seconds_scoring
+                st.seconds_capture += rec.seconds_capture
+                st.seconds_scorer += rec.seconds_scorer
+                if cfg.track_metric:
+                    rec.set_metric(self._metric())
+                st.rounds.append(rec)
+                st.seconds_prior = before + time.perf_counter() - t0
+                self._save()
+                self._event("round_end", **rec.to_dict())
+                bar.update()
+                if not stopped:
+                    bar.set_total(rnd + 1 + planned_rounds(self.model, self.groups, cfg, base, rnd + 1))
+            else:
+                p = accounting.count_params(self.model)
+                if p > budget and not stopped:
+                    raise RuntimeError(f"pruning stopped after max_rounds={cfg.max_rounds} rounds at EPR "
+                                       f"{base.epr(p):.4f} < target {cfg.target}")
+            bar.set_total(len(st.rounds))
+        finally:
+            bar.close()
         st.params_after = accounting.count_params(self.model)
         st.metric_after_prune = self._metric()
         st.phase = "finetune"
@@ -286,11 +303,13 @@ class _Run:
 
     def _report(self, st: RunState) -> dict[str, Any]:
         cfg = self.cfg
-        epr = st.baseline(cfg.epr_basis).epr
+        base = st.baseline(cfg.epr_basis)
+        epr = base.epr
         pa = st.params_after
         assert pa is not None
+        device = next((str(p.device) for p in self.model.parameters()), "cpu")
         return {
-            **{k: v for k, v in self.meta.items() if k not in ("flops_input",)},
+            **{k: v for k, v in self.meta.items() if k not in ("flops_input", "command")},
             "model": self.meta.get("model", type(self.model).__name__), "scorer": cfg.scorer,
             "target": cfg.target, "epr_basis": cfg.epr_basis, "epr": epr(pa),
             "epr_total": epr.total(pa), "epr_prunable": epr.prunable(pa),
@@ -306,6 +325,10 @@ class _Run:
             "kinds_by_group": st.kinds_by_group, "min_keep": st.min_keep,
             "finetune_history": st.finetune_history, "score_distributions": st.score_distributions,
             "eigenvalues": st.eigenvalues, "calibration_batches": len(self.calib), "config": cfg.to_dict(),
+            "uniform_widths": base.uniform, "round_to": base.round_to,
+            "epr_statement": epr_statement(cfg.target, epr(pa), cfg.epr_basis, base.uniform, base.round_to),
+            "environment": provenance(device=device, command=self.meta.get("command"),
+                                      resumed=self.resumed),
         }
 
 
@@ -333,11 +356,19 @@ def prune(model: nn.Module, calib: Sequence[Any], config: PruneConfig | None = N
     finetune_epoch / done. meta: extra report fields (e.g. model and data names; ``flops_input``, a batch,
     for FLOP counts before and after).
 
+    Widths: for models made of Hugging Face transformer layers every layer keeps the same number of FFN
+    neurons (a multiple of ``config.round_to``) and of query / KV heads (``PruneConfig.uniform_widths``), so
+    DIR/model gets a standard config.json; the EPR then lands on the achievable value nearest the target
+    (report: ``epr`` beside ``target``, ``epr_statement``). Plain modules, 'global' allocation or
+    ``uniform_widths=False``: per-layer widths and an EPR at the target with an overshoot below one unit.
+
     out_dir: the run directory (``run_store``): checkpoints while running (removed after success unless
-    ``keep_checkpoints``), then report.json / report.md / plots (``plots``) and, with ``save_model``, the
-    pruned model (DIR/model via ``io.save_pruned`` with ``tokenizer``). An existing run there is refused
-    unless ``resume``: then an interrupted run continues from its last checkpoint, and a finished one
-    returns its stored report (the model rebuilt from the recorded removals and the saved weights).
+    ``keep_checkpoints``), then, with ``save_model``, the pruned model (DIR/model via ``io.save_pruned`` with
+    ``tokenizer``; report.json's ``saved_model`` names its loader) and report.json (with ``environment``:
+    package versions, git commit, device, threads, timestamp, command line) / report.md / plots (``plots``).
+    An existing run there is refused unless ``resume``: then an interrupted run continues from its last
+    checkpoint, and a finished one returns its stored report (the model rebuilt from the recorded removals
+    and the saved weights).
 
     Raises TargetUnreachableError before any round when min-keep makes the target unreachable, ValueError /
     TypeError on bad arguments.

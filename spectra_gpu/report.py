@@ -127,6 +127,10 @@ def markdown(report: dict[str, Any], plots: dict[str, str], note: str | None = N
     if r.get("flops_before") is not None:
         rows += [("FLOPs per sample before", r["flops_before"]), ("FLOPs per sample after", r.get("flops_after"))]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in rows]
+    if r.get("epr_statement"):
+        lines += ["", r["epr_statement"]]
+    if r.get("saved_model"):
+        lines += ["", f"Pruned model: `{r['saved_model']['loader']}`"]
     if r.get("data_info"):
         lines += ["", f"Data: {r['data_info']}"]
     if r.get("config"):
@@ -146,6 +150,18 @@ def markdown(report: dict[str, Any], plots: dict[str, str], note: str | None = N
         lines += ["", "## Recovery fine-tune", "", "| epoch | steps | mean loss | seconds |", "|---|---|---|---|"]
         lines += [f"| {h['epoch']} | {h['steps']} | {_fmt(h['loss'])} | {_fmt(h['seconds'], 1)} |"
                   for h in r["finetune_history"]]
+    env = r.get("environment")
+    if env:
+        git = env.get("git") or {}
+        vers = ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items() if v)
+        resumed = ", resumed from a checkpoint" if env.get("resumed") else ""
+        dirty = " (uncommitted changes)" if git.get("dirty") else ""
+        dev = env.get("device", "") + (f" ({env['device_name']})" if env.get("device_name") else "")
+        lines += ["", "## Environment", "", f"- command: `{env.get('command')}`",
+                  f"- finished: {env.get('timestamp_utc')} (UTC){resumed}", f"- versions: {vers}",
+                  f"- git: {git.get('commit', 'not a git checkout')}{dirty}",
+                  f"- device: {dev}, torch CUDA build {env.get('torch_cuda_build') or 'none'}, torch threads "
+                  f"{env.get('threads', {}).get('torch')}"]
     lines += _plot_lines(plots, note)
     return "\n".join(lines) + "\n"
 
@@ -177,8 +193,40 @@ def _save_fig(fig: Any, path: Path) -> None:
     atomic_write(path, w)
 
 
+KIND_UNITS = {"neuron": "neurons", "channel": "channels", "ffn": "FFN neurons", "head": "attention heads"}
+
+
+def _kind_of(report: dict[str, Any], group: str) -> str:
+    """A group's unit kind: from ``kinds_by_group`` (prune runs) or ``groups`` (score runs)."""
+    kinds = report.get("kinds_by_group") or {}
+    if group in kinds:
+        return str(kinds[group])
+    return str((report.get("groups") or {}).get(group, {}).get("kind", "unit"))
+
+
+def _by_kind(report: dict[str, Any], names: list[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for g in names:
+        out.setdefault(_kind_of(report, g), []).append(g)
+    return out
+
+
+def _panels(plt: Any, n_panels: int, n_max: int, height: float = 3.2) -> tuple[Any, list[Any]]:
+    """A figure with one row per panel, wide enough for ``n_max`` x tick labels."""
+    fig, axes = plt.subplots(n_panels, 1, figsize=(max(6.0, 0.3 * n_max + 2), height * n_panels), squeeze=False)
+    return fig, [ax for row in axes for ax in row]
+
+
+def wide_range(values: list[float], ratio: float = 100.0) -> bool:
+    """True when positive ``values`` span more than ``ratio`` (a log axis reads better), else False."""
+    pos = [v for v in values if v > 0 and math.isfinite(v)]
+    return len(pos) == len([v for v in values if math.isfinite(v)]) and bool(pos) and max(pos) / min(pos) > ratio
+
+
 def plot_all(report: dict[str, Any], out_dir: str | os.PathLike[str]) -> dict[str, str]:
-    """Write the PNG plots the report has data for; return {kind: file name}."""
+    """Write the PNG plots the report has data for; return {kind: file name}. Groups of different unit kinds
+    (neurons, channels, FFN neurons, heads) get separate panels, never one shared axis; an axis is
+    logarithmic only where its values span more than two decades."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -186,32 +234,43 @@ def plot_all(report: dict[str, Any], out_dir: str | os.PathLike[str]) -> dict[st
 
     out_dir = Path(out_dir)
     made: dict[str, str] = {}
-    dist = report.get("score_distributions") or {}
-    boxes = [dict(label=g, whislo=d["quantiles"][1], q1=d["quantiles"][2], med=d["quantiles"][3],
-                  q3=d["quantiles"][4], whishi=d["quantiles"][5], fliers=[d["quantiles"][0], d["quantiles"][6]])
-             for g, d in dist.items() if "quantiles" in d]
-    if boxes:
-        fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(boxes) + 2), 4))
-        ax.bxp(boxes, showfliers=True)
-        ax.set_ylabel(f"{report['scorer']} score (higher = keep)")
-        ax.set_title("score distribution per group, first round (whiskers 5-95%, dots min/max)")
-        ax.tick_params(axis="x", rotation=90, labelsize=7)
+    dist = {g: d for g, d in (report.get("score_distributions") or {}).items() if "quantiles" in d}
+    if dist:
+        kinds = _by_kind(report, list(dist))
+        fig, axes = _panels(plt, len(kinds), max(len(v) for v in kinds.values()))
+        for ax, (kind, names) in zip(axes, kinds.items(), strict=True):
+            q = {g: dist[g]["quantiles"] for g in names}
+            ax.bxp([dict(label=g, whislo=q[g][1], q1=q[g][2], med=q[g][3], q3=q[g][4], whishi=q[g][5],
+                         fliers=[q[g][0], q[g][6]]) for g in names], showfliers=True)
+            if wide_range([v for g in names for v in q[g]]):
+                ax.set_yscale("log")
+            ax.set_ylabel(f"{report['scorer']} score\n(higher = keep)")
+            ax.set_title(f"{KIND_UNITS.get(kind, kind)}: score per unit, by group (first round; box 25-75%, "
+                         "whiskers 5-95%, dots min/max)", fontsize=9)
+            ax.tick_params(axis="x", rotation=90, labelsize=7)
+        fig.tight_layout()
         _save_fig(fig, out_dir / PLOTS["scores"])
         plt.close(fig)
         made["scores"] = PLOTS["scores"]
     eig = {g: v for g, v in (report.get("eigenvalues") or {}).items() if v}
     if eig:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        kinds = _by_kind(report, list(eig))
+        fig, axes = _panels(plt, len(kinds), 12)
         cmap = plt.get_cmap("viridis")
-        for i, (g, v) in enumerate(eig.items()):
-            ax.plot(range(1, len(v) + 1), v, color=cmap(i / max(1, len(eig) - 1)), lw=1,
-                    label=g if len(eig) <= 12 else None)
-        ax.set_yscale("log")
-        ax.set_xlabel("eigenpair index")
-        ax.set_ylabel("generalized eigenvalue")
-        ax.set_title("dominant eigenvalues of (L_pre, L_post) per group, first round")
-        if len(eig) <= 12:
-            ax.legend(fontsize=6)
+        for ax, (kind, names) in zip(axes, kinds.items(), strict=True):
+            for i, g in enumerate(names):
+                v = eig[g]
+                ax.plot(range(1, len(v) + 1), v, color=cmap(i / max(1, len(names) - 1)), lw=1,
+                        label=g if len(names) <= 12 else None)
+            if wide_range([x for g in names for x in eig[g]]):
+                ax.set_yscale("log")
+            ax.set_xlabel("eigenpair index (1 = dominant)")
+            ax.set_ylabel("generalized eigenvalue\n(dimensionless)")
+            ax.set_title(f"{KIND_UNITS.get(kind, kind)}: dominant eigenvalues of (L_pre, L_post) per group, first "
+                         f"round" + ("" if len(names) <= 12 else f" ({len(names)} groups, dark = first)"), fontsize=9)
+            if len(names) <= 12:
+                ax.legend(fontsize=6)
+        fig.tight_layout()
         _save_fig(fig, out_dir / PLOTS["eigen"])
         plt.close(fig)
         made["eigen"] = PLOTS["eigen"]
@@ -221,33 +280,106 @@ def plot_all(report: dict[str, Any], out_dir: str | os.PathLike[str]) -> dict[st
     if len(pts) >= 2 or report.get("metric_after_finetune") is not None:
         fig, ax = plt.subplots(figsize=(6, 4))
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label="pruning (no parameter updates)")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label="after each round (no parameter updates)")
         if report.get("metric_after_finetune") is not None:
             ax.plot([report["epr"]], [report["metric_after_finetune"]], "r*", ms=12, label="after fine-tune")
-        ax.axvline(report["target"], color="gray", ls=":", label="target")
-        ax.set_xlabel("effective parameter reduction")
-        ax.set_ylabel(report["metric_name"])
-        ax.set_title(f"{report['model']}: {report['metric_name']} vs reduction ({report['scorer']})")
+        ax.axvline(report["target"], color="gray", ls=":", label=f"target {report['target']}")
+        ys = [p[1] for p in pts] + ([report["metric_after_finetune"]] if report.get("metric_after_finetune") else [])
+        if wide_range(ys):
+            ax.set_yscale("log")
+        ax.set_xlabel(f"effective parameter reduction ({report.get('epr_basis', 'total')} basis, fraction)")
+        ax.set_ylabel(f"{report['metric_name']} ({'higher' if report.get('higher_is_better', True) else 'lower'} "
+                      "is better)")
+        ax.set_title(f"{report['model']}: {report['metric_name']} vs reduction ({report['scorer']})", fontsize=9)
         ax.legend(fontsize=8)
+        fig.tight_layout()
         _save_fig(fig, out_dir / PLOTS["metric"])
         plt.close(fig)
         made["metric"] = PLOTS["metric"]
     wb, wa = report.get("widths_before") or {}, report.get("widths_after") or {}
     if wb:
-        names = list(wb)
-        x = torch.arange(len(names)).tolist()
-        fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names) + 2), 4))
-        ax.bar([i - 0.2 for i in x], [wb[g] for g in names], width=0.4, label="before")
-        ax.bar([i + 0.2 for i in x], [wa.get(g, wb[g]) for g in names], width=0.4, label="after")
-        ax.set_xticks(x)
-        ax.set_xticklabels(names, rotation=90, fontsize=7)
-        ax.set_ylabel("units")
-        ax.set_title("width per group")
-        ax.legend()
+        kinds = _by_kind(report, list(wb))
+        fig, axes = _panels(plt, len(kinds), max(len(v) for v in kinds.values()))
+        for ax, (kind, names) in zip(axes, kinds.items(), strict=True):
+            x = list(range(len(names)))
+            ax.bar([i - 0.2 for i in x], [wb[g] for g in names], width=0.4, label="before")
+            ax.bar([i + 0.2 for i in x], [wa.get(g, wb[g]) for g in names], width=0.4, label="after")
+            ax.set_xticks(x)
+            ax.set_xticklabels(names, rotation=90, fontsize=7)
+            ax.set_ylabel(KIND_UNITS.get(kind, kind))
+            ax.set_title(f"{KIND_UNITS.get(kind, kind)} per group, before and after pruning", fontsize=9)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
         _save_fig(fig, out_dir / PLOTS["widths"])
         plt.close(fig)
         made["widths"] = PLOTS["widths"]
     return made
+
+
+def epr_statement(target: float, epr: float, basis: str, uniform: bool, round_to: int) -> str:
+    """One plain sentence on how the reached EPR relates to the target."""
+    head = f"EPR {epr:.4f} on the {basis} basis for a target of {target}"
+    if not uniform:
+        return (f"{head}: per-layer widths, so the last round stops as soon as the target is reached "
+                f"(overshoot below one unit's parameters).")
+    side = "above" if epr >= target else "below"
+    return (f"{head}: the achievable EPR nearest the target with uniform widths (every layer keeps the same "
+            f"number of units of each kind, FFN / neuron widths multiples of {round_to}), {abs(epr - target):.4f} "
+            f"{side} it.")
+
+
+def _git_commit(root: Path) -> dict[str, Any] | None:
+    """{commit, dirty} of the git checkout at ``root`` (None when it is not one or git is unavailable)."""
+    import subprocess
+
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": head, "dirty": bool(dirty)}
+
+
+PROVENANCE_PACKAGES = ("torch", "transformers", "numpy", "safetensors", "scipy", "tqdm", "matplotlib", "triton",
+                       "cupy")
+
+
+def provenance(*, device: str = "cpu", command: str | None = None, resumed: bool = False) -> dict[str, Any]:
+    """Where and how a run ran, for report.json: package versions (None: not installed), the git commit of
+    the spectra_gpu checkout (None unless installed from one), python, platform, torch's CUDA build, the
+    device and its name, threads, a UTC timestamp, the command line (``command``, default this process's
+    argv) and whether the run was resumed from a checkpoint."""
+    import datetime
+    import importlib.metadata as md
+    import platform
+    import shlex
+    import sys
+
+    from ._version import __version__
+
+    versions: dict[str, str | None] = {"spectra_gpu": __version__}
+    for name in PROVENANCE_PACKAGES:
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = None
+    device_name: str | None = None
+    if device.startswith("cuda") and torch.cuda.is_available():
+        device_name = torch.cuda.get_device_name(torch.device(device))
+    return {
+        "versions": versions, "git": _git_commit(Path(__file__).resolve().parent.parent),
+        "python": platform.python_version(), "platform": platform.platform(),
+        "torch_cuda_build": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
+        "device": device, "device_name": device_name,
+        "threads": {"torch": torch.get_num_threads(), "torch_interop": torch.get_num_interop_threads(),
+                    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
+        "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command if command is not None else shlex.join(sys.argv), "resumed": resumed,
+    }
 
 
 def write_report(out_dir: str | os.PathLike[str], report: dict[str, Any], *, plots: bool = True) -> None:
@@ -297,6 +429,6 @@ def score_markdown(report: dict[str, Any], plots: dict[str, str], note: str | No
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["NO_MATPLOTLIB", "PLOTS", "REQUIRED", "atomic_replace", "atomic_write", "load_report", "markdown",
-           "plot_all", "plot_report", "render",
+__all__ = ["KIND_UNITS", "NO_MATPLOTLIB", "PLOTS", "REQUIRED", "atomic_replace", "atomic_write", "epr_statement",
+           "load_report", "markdown", "plot_all", "plot_report", "provenance", "render", "wide_range",
            "score_markdown", "score_summary", "torch_save", "write_json", "write_report", "write_text"]

@@ -4,13 +4,16 @@ composes:
 1. :func:`capture_and_score` (= :func:`capture_signals` + :func:`score_groups`): capture the calibration
    signals of the *current* (already shrunk) model and score every group with the chosen scorer (seeded per
    round and group; same calibration data for every scorer). ``score_model`` is this step alone.
-2. :func:`select_removals`: per group the q = ceil(r x width) lowest-scoring units (uniform r, or a global
+2. :func:`select_steps`: per group the q = ceil(r x width) lowest-scoring units (uniform r, or a global
    allocation by within-layer percentile; attention heads follow the uniform schedule of their original
    width, see :func:`head_counts`) under min-keep, the duplicate-pair rule and optionally
    one-per-neighbourhood, interleaved across groups in score order.
-3. :func:`trim_to_budget`: when the whole round would overshoot the target, the shortest prefix of those
+3. :func:`trim_steps`: when the whole round would overshoot the target, the shortest prefix of those
    removals that reaches it, counted exactly on module shapes (``accounting.params_after_removal``), so the
-   EPR lands on the target with an overshoot below one unit's parameters.
+   EPR lands on the target with an overshoot below one unit's parameters. With uniform widths
+   (``PruneConfig.uniform_for``: every layer of a uniform class keeps the same width, neuron / FFN widths
+   multiples of ``round_to``) a step takes units from every layer of a class at once, and the round stops at
+   the step boundary whose count is nearest the target (on either side of it).
 4. :func:`apply_removals`: physical removal (``surgery.remove_units``), then optionally BatchNorm
    recalibration.
 
@@ -46,32 +49,51 @@ Removal = tuple[str, list[int]]  # (group name, unit indices removed together: o
 
 
 # ---- fixed per run ---------------------------------------------------------------------------------------
-def min_keep(kind: str, original_width: int, cfg: PruneConfig) -> int:
+def min_keep(kind: str, original_width: int, cfg: PruneConfig, round_to: int = 1) -> int:
     """max(k + 2, min_keep_fraction of the original width) for neurons/channels/FFN neurons (the kNN graph
-    needs k + 1 nodes and a margin), >= 1 head per layer."""
+    needs k + 1 nodes and a margin), rounded up to a multiple of ``round_to`` (uniform widths; at most the
+    original width); >= 1 head per layer."""
     frac = math.ceil(cfg.min_keep_fraction * original_width)
     if kind == "head":
         return max(1, frac)
-    return min(original_width, max(cfg.k + 2, frac))
+    keep = max(cfg.k + 2, frac)
+    return min(original_width, math.ceil(keep / round_to) * round_to)
+
+
+def uniform_class(group: UnitGroup) -> str:
+    """The key of the groups whose widths a uniform-width run keeps equal: kind, unit and original width
+    (every FFN layer of a transformer, every layer's query heads, ...)."""
+    return f"{group.kind}:{group.unit}:{int(group.size)}"
 
 
 @dataclass(frozen=True)
 class Baseline:
     """What every round of a run measures against, fixed before the first round: each group's original
-    width, kind and min-keep, and the EPR basis (parameter counts before pruning)."""
+    width, kind and min-keep, the EPR basis (parameter counts before pruning), and for uniform-width runs
+    (``PruneConfig.uniform_for``) each group's uniform class (``uniform_class``; empty: widths are free) and
+    the multiple neuron / channel / FFN widths are rounded to (``round_to``; 1 when widths are free)."""
 
     widths: dict[str, int]
     kinds: dict[str, str]
     min_keep: dict[str, int]
     epr: accounting.EprBasis
+    classes: dict[str, str] = field(default_factory=dict)
+    round_to: int = 1
+
+    @property
+    def uniform(self) -> bool:
+        return bool(self.classes)
 
     @classmethod
     def of(cls, model: nn.Module, groups: Sequence[UnitGroup], cfg: PruneConfig) -> Baseline:
         """The baseline of the unpruned ``model`` with its ``groups``."""
+        uniform = cfg.uniform_for(g.arch for g in groups)
+        rt = cfg.round_to if uniform else 1
         return cls(widths={g.name: int(g.size) for g in groups}, kinds={g.name: g.kind for g in groups},
-                   min_keep={g.name: min_keep(g.kind, int(g.size), cfg) for g in groups},
+                   min_keep={g.name: min_keep(g.kind, int(g.size), cfg, rt) for g in groups},
                    epr=accounting.EprBasis(accounting.count_params(model), accounting.prunable_params(model, groups),
-                                           cfg.epr_basis))
+                                           cfg.epr_basis),
+                   classes={g.name: uniform_class(g) for g in groups} if uniform else {}, round_to=rt)
 
 
 def floor_width(group: UnitGroup, keep: int) -> int:
@@ -236,10 +258,72 @@ def _interleave(chosen: dict[str, list[list[int]]]) -> list[Removal]:
     return [(g, b) for *_, g, b in keyed]
 
 
-def select_removals(groups: Sequence[UnitGroup], outputs: Mapping[str, ScoreOutput], cfg: PruneConfig,
-                    baseline: Baseline, round_index: int) -> list[Removal]:
-    """This round's removals of the scored ``groups`` (their ``outputs``), interleaved across groups in
-    score order; empty when no group can lose another unit (min-keep)."""
+Step = list[Removal]  # removals applied together: any prefix of a round's steps is a valid partial round
+
+
+def _round_down(width: int, keep: int, round_to: int) -> int:
+    """The largest multiple of ``round_to`` <= ``width``, but not below ``keep`` (which is such a multiple
+    or the original width)."""
+    return max(min(keep, width), (width // round_to) * round_to)
+
+
+def _equal_counts(groups: Sequence[UnitGroup], counts: dict[str, int], baseline: Baseline,
+                  widths: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Uniform widths: per uniform class the smallest count of its groups (their widths are equal, so
+    normally all counts are), then, for neurons / channels / FFN neurons, raised so the width left is a
+    multiple of ``baseline.round_to`` (never below min-keep). ``widths``: the groups' widths (default: now)."""
+    out = dict(counts)
+    by_class: dict[str, list[UnitGroup]] = {}
+    for g in groups:
+        by_class.setdefault(baseline.classes[g.name], []).append(g)
+    for members in by_class.values():
+        q = min(counts[g.name] for g in members)
+        g0 = members[0]
+        if g0.kind != "head" and q > 0:
+            w = int(widths[g0.name]) if widths is not None else int(g0.size)
+            q = w - _round_down(w - q, baseline.min_keep[g0.name], baseline.round_to)
+        out.update(dict.fromkeys((g.name for g in members), q))
+    return out
+
+
+def _uniform_steps(groups: Sequence[UnitGroup], chosen: dict[str, list[list[int]]],
+                   baseline: Baseline) -> list[Step]:
+    """Uniform widths: each class's blocks cut to the count every member reached (and to a width that is a
+    multiple of ``round_to``), then grouped into steps that take the same blocks-worth from every member of
+    one class (neurons: down to the next multiple of ``round_to``; heads: one block), interleaved across
+    classes by position (j + 1) / steps_c, so every prefix of steps leaves each class uniform."""
+    by_class: dict[str, list[UnitGroup]] = {}
+    for g in groups:
+        by_class.setdefault(baseline.classes[g.name], []).append(g)
+    keyed = []
+    for ci, members in enumerate(by_class.values()):
+        n = min(len(chosen.get(g.name, [])) for g in members)
+        w = int(members[0].size)
+        rt = baseline.round_to if members[0].kind != "head" else 1
+        if rt > 1 and n > 0:
+            n = w - _round_down(w - n, baseline.min_keep[members[0].name], rt)
+        sizes: list[int] = []
+        cur, end = w, w - n
+        while cur > end:
+            nxt = max(end, ((cur - 1) // rt) * rt)
+            sizes.append(cur - nxt)
+            cur = nxt
+        start = 0
+        for j, size in enumerate(sizes):
+            step = [(g.name, b) for g in members for b in chosen[g.name][start:start + size]]
+            keyed.append(((j + 1) / len(sizes), ci, j, step))
+            start += size
+    keyed.sort(key=lambda t: t[:3])
+    return [step for *_, step in keyed]
+
+
+def select_steps(groups: Sequence[UnitGroup], outputs: Mapping[str, ScoreOutput], cfg: PruneConfig,
+                 baseline: Baseline, round_index: int) -> list[Step]:
+    """This round's removals of the scored ``groups`` (their ``outputs``) as steps, in the order a trimmed
+    round applies them; empty when no group can lose another unit (min-keep). Free widths: one removal per
+    step, interleaved across groups in score order. Uniform widths (``baseline.uniform``): every group of a
+    uniform class loses the same number of units per round (and per step), its lowest-scoring ones, and
+    neuron / channel / FFN widths stay multiples of ``baseline.round_to``."""
     counts = round_counts({g: o.scores for g, o in outputs.items()}, cfg.round_fraction, allocation=cfg.allocation,
                           min_keep={g: baseline.min_keep[g] for g in outputs})
     heads = [g for g in groups if g.kind == "head"]
@@ -248,8 +332,55 @@ def select_removals(groups: Sequence[UnitGroup], outputs: Mapping[str, ScoreOutp
                      cfg.round_fraction, round_index)
     if any(counts[g] for g in counts if g not in hc) or any(hc.values()):
         counts.update(hc)  # else only heads are left and the schedule says wait: fall back to ceil(r N)
+    if baseline.uniform:
+        counts = _equal_counts(groups, counts, baseline)
     chosen = {g.name: _blocks(g, outputs[g.name], counts[g.name], cfg, baseline.min_keep[g.name]) for g in groups}
-    return _interleave({g: bs for g, bs in chosen.items() if bs})
+    if baseline.uniform:
+        return [s for s in _uniform_steps(groups, chosen, baseline) if s]
+    return [[r] for r in _interleave({g: bs for g, bs in chosen.items() if bs})]
+
+
+def select_removals(groups: Sequence[UnitGroup], outputs: Mapping[str, ScoreOutput], cfg: PruneConfig,
+                    baseline: Baseline, round_index: int) -> list[Removal]:
+    """The removals of :func:`select_steps`, flattened in step order."""
+    return [r for step in select_steps(groups, outputs, cfg, baseline, round_index) for r in step]
+
+
+def planned_rounds(model: nn.Module, groups: Sequence[UnitGroup], cfg: PruneConfig, baseline: Baseline,
+                   round_index: int) -> int:
+    """How many rounds, from round ``round_index`` (0-based) on, the run still needs: the rounds simulated on
+    widths alone (each round's counts as :func:`select_steps` plans them, parameters counted exactly on
+    module shapes), for progress totals. Exact unless the duplicate-pair rule or a 'global' allocation (whose
+    counts depend on the scores) changes a round's counts; at least 1 while the target is not reached."""
+    budget = baseline.epr.budget(cfg.target)
+    removed = dict.fromkeys((g.name for g in groups), 0)
+    p = accounting.count_params(model)
+    n = 0
+    while p > budget and round_index + n < cfg.max_rounds:
+        widths = {g.name: int(g.size) - removed[g.name] for g in groups}
+        live = [g for g in groups if widths[g.name] > baseline.min_keep[g.name] and widths[g.name] >= 3]
+        if not live:
+            break
+        counts = round_counts({g.name: torch.zeros(widths[g.name]) for g in live}, cfg.round_fraction,
+                              allocation=cfg.allocation, min_keep={g.name: baseline.min_keep[g.name] for g in live})
+        heads = [g for g in live if g.kind == "head"]
+        kv = {g.name: int(g.kv_heads) if g.unit == "query" else 1 for g in heads}  # type: ignore[arg-type]
+        hc = head_counts({g.name: widths[g.name] for g in heads}, baseline.widths, kv, cfg.round_fraction,
+                         round_index + n)
+        if any(counts[g] for g in counts if g not in hc) or any(hc.values()):
+            counts.update(hc)
+        for g in heads:  # whole blocks, never below min-keep
+            room = (widths[g.name] - baseline.min_keep[g.name]) // kv[g.name] * kv[g.name]
+            counts[g.name] = min(math.ceil(counts[g.name] / kv[g.name]) * kv[g.name], max(room, 0))
+        if baseline.uniform:
+            counts = _equal_counts(live, counts, baseline, widths)
+        if not any(counts.values()):
+            break
+        for name, q in counts.items():
+            removed[name] += q
+        p = accounting.params_after_removal(model, groups, removed)
+        n += 1
+    return max(n, 1) if p > budget else n
 
 
 # ---- step 3: trim ----------------------------------------------------------------------------------------
@@ -260,34 +391,48 @@ def _counts(removals: Sequence[Removal]) -> dict[str, int]:
     return out
 
 
+def trim_steps(model: nn.Module, groups: Sequence[UnitGroup], steps: list[Step], budget: int, *,
+               nearest_to: float | None = None, min_steps: int = 0) -> list[Step]:
+    """``steps`` if applying them all leaves more than ``budget`` parameters, else their shortest prefix that
+    leaves at most ``budget``; with ``nearest_to`` (the real-valued parameter count of the target), the
+    prefix one step shorter instead when it lands nearer to it and keeps at least ``min_steps`` steps
+    (uniform widths: a step removes units from every layer, so the count nearest the target may sit above the
+    budget). The summed per-unit costs at
+    current widths over-count (a weight between two layers shrinking in the same round is counted twice), so
+    the prefix they call enough is only a lower bound for the exact count that decides."""
+    p_now = accounting.count_params(model)
+    cost = {g.name: int(g.unit_params()) for g in groups}
+    est = torch.tensor([float(sum(cost[g] * len(b) for g, b in step)) for step in steps], dtype=torch.float64)
+    if p_now - float(est.sum()) > budget:
+        return steps
+    need = p_now - budget
+    est = est.cumsum(0)
+    lo = int(torch.searchsorted(est, torch.tensor([float(need)], dtype=torch.float64))[0]) + 1
+    lo = min(max(lo, 1), len(steps))
+
+    def after(n: int) -> int:
+        return accounting.params_after_removal(model, groups, _counts([r for step in steps[:n] for r in step]))
+
+    if after(lo) <= budget:
+        hi = lo
+    else:
+        hi = len(steps)  # the full round reaches the budget (checked above)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if after(mid) <= budget:
+                hi = mid
+            else:
+                lo = mid
+    if nearest_to is not None and hi - 1 >= min_steps and abs(after(hi - 1) - nearest_to) < abs(after(hi) - nearest_to):
+        hi -= 1
+    return steps[:hi]
+
+
 def trim_to_budget(model: nn.Module, groups: Sequence[UnitGroup], removals: list[Removal],
                    budget: int) -> list[Removal]:
     """``removals`` if applying them all leaves more than ``budget`` parameters, else their shortest prefix
-    that leaves at most ``budget``. The summed per-unit costs at current widths over-count (a weight between
-    two layers shrinking in the same round is counted twice), so the prefix they call enough is only a lower
-    bound for the exact count that decides."""
-    p_now = accounting.count_params(model)
-    cost = {g.name: int(g.unit_params()) for g in groups}
-    if p_now - sum(cost[g] * len(b) for g, b in removals) > budget:
-        return removals
-    need = p_now - budget
-    est = torch.tensor([float(cost[g] * len(b)) for g, b in removals], dtype=torch.float64).cumsum(0)
-    lo = int(torch.searchsorted(est, torch.tensor([float(need)], dtype=torch.float64))[0]) + 1
-    lo = min(max(lo, 1), len(removals))
-
-    def ok(n: int) -> bool:
-        return accounting.params_after_removal(model, groups, _counts(removals[:n])) <= budget
-
-    if ok(lo):
-        return removals[:lo]
-    hi = len(removals)  # the full round reaches the budget (checked above)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if ok(mid):
-            hi = mid
-        else:
-            lo = mid
-    return removals[:hi]
+    that leaves at most ``budget`` (:func:`trim_steps` with one removal per step)."""
+    return [r for step in trim_steps(model, groups, [[r] for r in removals], budget) for r in step]
 
 
 # ---- step 4: remove --------------------------------------------------------------------------------------
@@ -346,8 +491,9 @@ class RoundRecord:
     removed_units: {group: sorted indices into the group's width at the start of the round} (replaying them
     on the unpruned model rebuilds its structure); widths: every group's width after the round;
     seconds_capture, seconds_scoring (capture + scorer); lambda_1: the dominant eigenvalue per group
-    (spectral scorers); dead_units: -inf scores per group; metric: set by the caller when it tracks one.
-    ``outputs`` (the scores) and ``seconds_scorer`` are not part of the serialised record."""
+    (spectral scorers); dead_units: -inf scores per group; metric: set by the caller when it tracks one;
+    trimmed: the round applied only a prefix of its removals because the rest would pass the target (the last
+    round of a run). ``outputs`` (the scores) and ``seconds_scorer`` are not part of the serialised record."""
 
     round: int
     params: int
@@ -361,6 +507,7 @@ class RoundRecord:
     dead_units: dict[str, int]
     metric: float | None = None
     has_metric: bool = False
+    trimmed: bool = False
     seconds_scorer: float = field(default=0.0, compare=False)
     outputs: dict[str, ScoreOutput] = field(default_factory=dict, repr=False, compare=False)
 
@@ -369,6 +516,7 @@ class RoundRecord:
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in _RECORD_FIELDS}
+        d["trimmed"] = self.trimmed
         if self.has_metric:
             d["metric"] = self.metric
         return d
@@ -378,7 +526,8 @@ class RoundRecord:
         missing = [k for k in _RECORD_FIELDS if k not in d]
         if missing:
             raise ValueError(f"round record: missing fields {missing}")
-        return cls(**{k: d[k] for k in _RECORD_FIELDS}, metric=d.get("metric"), has_metric="metric" in d)
+        return cls(**{k: d[k] for k in _RECORD_FIELDS}, metric=d.get("metric"), has_metric="metric" in d,
+                   trimmed=bool(d.get("trimmed", False)))
 
 
 def scorable(groups: Sequence[UnitGroup], baseline: Baseline) -> list[UnitGroup]:
@@ -390,19 +539,23 @@ def prune_round(model: nn.Module, groups: Sequence[UnitGroup], cfg: PruneConfig,
                 baseline: Baseline, round_index: int, forward: ForwardFn | None = None,
                 loss_fn: LossFn | None = None) -> RoundRecord:
     """Round ``round_index`` (0-based) on ``model``, whose prunable groups are ``groups``: capture and score
-    the scorable groups, select, trim to the target's budget, remove (in place), recalibrate BatchNorm if
-    ``cfg.recalibrate_bn``. Raises TargetUnreachableError when no group can lose another unit."""
+    the scorable groups, select, trim to the target's budget (uniform widths: to the achievable count nearest
+    the target, which may remove nothing, except in round 0: a run removes something), remove (in place),
+    recalibrate BatchNorm if ``cfg.recalibrate_bn``. Raises TargetUnreachableError when no group can lose
+    another unit."""
     epr = baseline.epr
     p_now = accounting.count_params(model)
     budget = epr.budget(cfg.target)
     live = scorable(groups, baseline)
     sc = capture_and_score(model, live, calib, cfg, round_index=round_index, forward=forward, loss_fn=loss_fn)
-    removals = select_removals(live, sc.outputs, cfg, baseline, round_index)
-    if not removals:
+    steps = select_steps(live, sc.outputs, cfg, baseline, round_index)
+    if not steps:
         raise TargetUnreachableError(f"round {round_index + 1}: no group can lose another unit (min-keep) at EPR "
                                      f"{epr(p_now):.4f} < target {cfg.target}")
-    removed_units = apply_removals(model, live, trim_to_budget(model, live, removals, budget))
-    if cfg.recalibrate_bn:
+    kept = trim_steps(model, live, steps, budget, nearest_to=epr.params_at(cfg.target) if baseline.uniform else None,
+                      min_steps=1 if round_index == 0 else 0)
+    removed_units = apply_removals(model, live, [r for step in kept for r in step])
+    if cfg.recalibrate_bn and removed_units:
         recalibrate_bn(model, calib, forward)
     p = accounting.count_params(model)
     outs = sc.outputs
@@ -413,10 +566,11 @@ def prune_round(model: nn.Module, groups: Sequence[UnitGroup], cfg: PruneConfig,
         lambda_1={g: float(o.extra["eigenvalues"][0]) for g, o in outs.items()
                   if o.extra.get("eigenvalues") is not None and len(o.extra["eigenvalues"])},
         dead_units={g: int((o.scores == -math.inf).sum()) for g, o in outs.items()},
-        seconds_scorer=sc.seconds_scorer, outputs=outs)
+        trimmed=len(kept) < len(steps), seconds_scorer=sc.seconds_scorer, outputs=outs)
 
 
-__all__ = ["Baseline", "GroupScores", "Removal", "RoundRecord", "Signals", "apply_removals", "capture_and_score",
-           "capture_signals", "floor_width", "head_counts", "min_keep", "params_at_floor", "prune_round",
-           "recalibrate_bn", "round_seed", "scorable", "score_groups", "scorer_options", "select_removals",
-           "stats_mode", "trim_to_budget"]
+__all__ = ["Baseline", "GroupScores", "Removal", "RoundRecord", "Signals", "Step", "apply_removals",
+           "capture_and_score", "capture_signals", "floor_width", "head_counts", "min_keep", "params_at_floor",
+           "planned_rounds", "prune_round", "recalibrate_bn", "round_seed", "scorable", "score_groups",
+           "scorer_options", "select_removals", "select_steps", "stats_mode", "trim_steps", "trim_to_budget",
+           "uniform_class"]

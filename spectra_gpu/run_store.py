@@ -2,8 +2,9 @@
 run, apart from the round logic (``rounds``) and the phases (``driver``).
 
 Layout of DIR: ``checkpoint.safetensors`` while the run is in progress (kept after success only with
-``keep_checkpoints``), then ``report.json`` / ``report.md`` / plots (``report.write_report``) and the pruned
-model (DIR/model via ``io.save_pruned``, plus DIR/model.pt, a whole-module ``torch.save``, for plain modules).
+``keep_checkpoints``), then the pruned model (DIR/model via ``io.save_pruned``: safetensors + JSON, no
+pickle) and ``report.json`` / ``report.md`` / plots (``report.write_report``); report.json's ``saved_model``
+says whether DIR/model is a standard Hugging Face folder and which loader it needs (``io.loader_hint``).
 
 A checkpoint is one safetensors file, replaced atomically: the typed :class:`RunState` as JSON in its
 metadata, the model's ``state_dict`` and the fine-tune's optimiser state as tensors. Nothing is unpickled on
@@ -26,13 +27,13 @@ from torch import nn
 
 from . import accounting
 from . import io as _io
-from .report import atomic_replace, load_report, torch_save, write_report
+from .report import atomic_replace, load_report, write_report
 from .rounds import Baseline, RoundRecord
 
 CHECKPOINT = "checkpoint.safetensors"
 LEGACY_CHECKPOINT = "checkpoint.pt"  # pickled checkpoints of earlier versions: never loaded
 FORMAT = "spectra-run-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 PHASES = ("prune", "finetune", "done")
 
 
@@ -41,9 +42,11 @@ class RunState:
     """Everything a run has established so far, enough to resume it and to write its report.
 
     config: ``PruneConfig.to_dict()`` of the run. widths_before / kinds_by_group / min_keep: per group of the
-    unpruned model. params_before / params_prunable_before: the EPR denominators. phase: 'prune' (rounds to
-    go), 'finetune' (rounds done), 'done' (``report`` set). rounds: one record per completed round.
-    finetune_state: the fine-tune's resume point ({epoch, step, optimizer, scheduler, history}) while it runs.
+    unpruned model. params_before / params_prunable_before: the EPR denominators. uniform_classes / round_to:
+    the uniform-width classes and width multiple of the run (``rounds.Baseline``; empty / 1: free widths).
+    phase: 'prune' (rounds to go), 'finetune' (rounds done), 'done' (``report`` set). rounds: one record per
+    completed round. finetune_state: the fine-tune's resume point ({epoch, step, optimizer, scheduler,
+    history}) while it runs.
     """
 
     config: dict[str, Any]
@@ -52,6 +55,8 @@ class RunState:
     min_keep: dict[str, int]
     params_before: int
     params_prunable_before: int
+    uniform_classes: dict[str, str] = field(default_factory=dict)
+    round_to: int = 1
     flops_before: float | None = None
     metric_before: float | None = None
     phase: str = "prune"
@@ -73,11 +78,13 @@ class RunState:
     def start(cls, config: dict[str, Any], baseline: Baseline) -> RunState:
         return cls(config=config, widths_before=dict(baseline.widths), kinds_by_group=dict(baseline.kinds),
                    min_keep=dict(baseline.min_keep), params_before=baseline.epr.params_before,
-                   params_prunable_before=baseline.epr.prunable_before)
+                   params_prunable_before=baseline.epr.prunable_before, uniform_classes=dict(baseline.classes),
+                   round_to=baseline.round_to)
 
     def baseline(self, epr_basis: str) -> Baseline:
         return Baseline(self.widths_before, self.kinds_by_group, self.min_keep,
-                        accounting.EprBasis(self.params_before, self.params_prunable_before, epr_basis))
+                        accounting.EprBasis(self.params_before, self.params_prunable_before, epr_basis),
+                        classes=dict(self.uniform_classes), round_to=self.round_to)
 
     def to_json(self) -> dict[str, Any]:
         """The state without ``finetune_state`` (which holds tensors), as JSON-able values."""
@@ -243,13 +250,16 @@ class RunStore:
 
     def write_outputs(self, model: nn.Module, report: dict[str, Any], *, save_model: bool, plots: bool,
                       tokenizer: Any = None, only_missing: bool = False) -> None:
-        """The pruned model (DIR/model; plain modules also DIR/model.pt), then report.json/report.md/plots;
-        ``only_missing``: only those not yet there (finishing a run whose outputs were interrupted)."""
-        plain = not _io._is_hf(model)
+        """The pruned model (DIR/model), then report.json/report.md/plots; ``only_missing``: only those not yet
+        there (finishing a run whose outputs were interrupted). With the model saved, ``report['saved_model']``
+        is set (in place) to {path, standard, loader}: whether plain transformers loads DIR/model, and the
+        one-line loader hint of ``io.loader_hint`` (naming the folder DIR/model)."""
         if save_model and not (only_missing and self.model_dir.is_dir()):
             _io.save_pruned(model, self.model_dir, tokenizer=tokenizer)
-        if save_model and plain and not (only_missing and (self.out / "model.pt").is_file()):
-            torch_save(self.out / "model.pt", model)
+        if save_model and self.model_dir.is_dir():  # the hint names DIR/model, so the report is path-independent
+            hint = _io.loader_hint(self.model_dir).replace(str(self.model_dir), "DIR/model")
+            report["saved_model"] = {"path": self.model_dir.name, "standard": _io.is_standard(self.model_dir),
+                                     "loader": hint}
         if not (only_missing and (self.out / "report.md").is_file()):
             write_report(self.out, report, plots=plots)
 

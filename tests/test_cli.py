@@ -103,9 +103,9 @@ def test_prune_writes_report_plots_and_model(pruned):
     assert rep["scorer"] == "wanda_sp" and rep["config"]["one_per_neighbourhood"] is True
     assert rep["config"]["finetune"]["epochs"] == 1 and len(rep["finetune_history"]) == 1
     assert rep["epr"] >= 0.3 and all(r["metric"] is not None for r in rep["rounds"])
-    for f in ("report.md", "metric_vs_epr.png", "widths.png", "scores_by_layer.png", "model/model.safetensors",
-              "model.pt"):
+    for f in ("report.md", "metric_vs_epr.png", "widths.png", "scores_by_layer.png", "model/model.safetensors"):
         assert (pruned / f).stat().st_size > 0
+    assert not (pruned / "model.pt").exists()  # no whole-module pickle: DIR/model reloads as the built-in MLP
     assert not (pruned / "eigenvalues.png").exists()  # a baseline has no spectrum
     assert not (pruned / "checkpoint.safetensors").exists()  # removed once the run succeeded
     md = (pruned / "report.md").read_text()
@@ -128,7 +128,7 @@ def test_existing_run_needs_resume_and_resume_of_finished_run_is_idempotent(prun
 
 def test_saved_model_reloads_and_scores(pruned, tmp_path, capsys):
     rep = json.loads((pruned / "report.json").read_text())
-    code, out, err = run(["score", "--model", str(pruned / "model.pt"), "--data", "digits", "--scorer", "act_var",
+    code, out, err = run(["score", "--model", str(pruned / "model"), "--data", "digits", "--scorer", "act_var",
                           "--out", str(tmp_path / "s")], capsys)
     assert code == 0, err
     for g, w in rep["widths_after"].items():

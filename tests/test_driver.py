@@ -98,18 +98,35 @@ def _text_batches(n_batches=3, b=8, t=12, seed=0):
 
 
 def _check_target(model, report, cfg, costs_before):
-    """EPR >= target on the sliced model, overshoot below one removal item (a unit, or a GQA block; its cost
-    at the original widths bounds its cost at any later width), widths >= min-keep and never growing."""
+    """Free widths: EPR >= target on the sliced model, overshoot below one removal item (a unit, or a GQA
+    block; its cost at the original widths bounds its cost at any later width). Uniform widths: the EPR within
+    one step of the target on either side (a step takes round_to units, or one head block, from every layer of
+    a class), every layer of a class equally wide, neuron / FFN widths multiples of round_to (or min-keep).
+    Always: widths >= min-keep and never growing."""
     p_after = accounting.count_params(model)
     assert p_after == report["params_after"]
     p0 = report["params_before"]
     denom = p0 if cfg.epr_basis == "total" else report["params_prunable_before"]
     epr = (p0 - p_after) / denom
     assert epr == pytest.approx(report["epr"])
-    assert epr >= cfg.target
     last = report["rounds"][-1]
-    item = max(costs_before[n] for n in last["removed"])
-    assert (epr - cfg.target) * denom < item
+    if report["uniform_widths"]:
+        rt = report["round_to"]
+        classes = {}
+        for name, w0 in report["widths_before"].items():
+            classes.setdefault((report["kinds_by_group"][name], w0), []).append(name)
+        step = max(sum(costs_before[n] * (1 if kind == "head" else rt) for n in names)
+                   for (kind, _), names in classes.items())
+        assert abs(epr - cfg.target) * denom <= step
+        for (kind, w0), names in classes.items():
+            assert len({report["widths_after"][n] for n in names}) == 1, names
+            w = report["widths_after"][names[0]]
+            if kind != "head":
+                assert w % rt == 0 or w in (w0, report["min_keep"][names[0]])
+    else:
+        assert epr >= cfg.target
+        item = max(costs_before[n] for n in last["removed"])
+        assert (epr - cfg.target) * denom < item
     widths_prev = report["rounds"][-2]["widths"] if len(report["rounds"]) > 1 else report["widths_before"]
     for name, w in report["widths_after"].items():
         assert report["min_keep"][name] <= w <= widths_prev[name]
@@ -155,12 +172,13 @@ def test_cnn_channels_hit_target():
     assert res.model(torch.randn(2, 1, 16, 16)).shape == (2, 3)
 
 
+@pytest.mark.parametrize("uniform", [None, False], ids=["uniform-default", "free-widths"])
 @pytest.mark.parametrize("kinds", [("ffn",), ("head",)])
-def test_bert_ffn_and_heads_hit_target(kinds):
+def test_bert_ffn_and_heads_hit_target(kinds, uniform):
     model = _bert()
     calib = _text_batches()
     cfg = PruneConfig(target=0.1 if kinds == ("head",) else 0.2, kinds=kinds, round_fraction=0.1,
-                      epr_basis="prunable", finetune=FinetuneConfig(epochs=0))
+                      epr_basis="prunable", finetune=FinetuneConfig(epochs=0), uniform_widths=uniform)
     costs = _unit_costs(model, kinds)
     res = prune(model, calib, cfg, forward=lambda m, b: m(**b))
     _check_target(res.model, res.report, cfg, costs)
@@ -183,10 +201,11 @@ def test_llama_gqa_query_heads_removed_in_balanced_blocks():
 
 
 def _strip(rep):
-    """The report without wall-clock fields."""
+    """The report without wall-clock fields (seconds, and the environment block: its timestamp, command line
+    and resumed flag differ between any two runs)."""
     r = json.loads(json.dumps(rep, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
     for k in list(r):
-        if k.startswith("seconds"):
+        if k.startswith("seconds") or k == "environment":
             r.pop(k)
     for rec in r["rounds"]:
         for k in [k for k in rec if k.startswith("seconds")]:
@@ -436,3 +455,60 @@ def test_magnitude_baselines_capture_moments_only_unless_neighbours_are_needed()
         assert stats_mode("user_spectral_twin", False) == "exact"
     finally:
         del SCORERS["user_spectral_twin"]
+
+
+def test_hf_layers_get_uniform_widths_by_default_and_a_standard_folder(tmp_path):
+    from spectra_gpu import io
+
+    model = _llama()
+    calib = _text_batches()
+    cfg = PruneConfig(target=0.15, kinds=("ffn", "head"), round_fraction=0.1, finetune=FinetuneConfig(epochs=0))
+    costs = _unit_costs(model, cfg.kinds)
+    res = prune(model, calib, cfg, out_dir=tmp_path / "run")
+    rep = res.report
+    assert rep["uniform_widths"] is True and rep["round_to"] == 8
+    _check_target(res.model, rep, cfg, costs)
+    ffn = {w for g, w in rep["widths_after"].items() if rep["kinds_by_group"][g] == "ffn"}
+    assert len(ffn) == 1 and ffn.pop() % 8 == 0
+    for rec in rep["rounds"]:  # every round keeps the layers equal, not only the last
+        assert len({w for g, w in rec["widths"].items() if rep["kinds_by_group"][g] == "ffn"}) == 1
+        assert len({w for g, w in rec["widths"].items() if rep["kinds_by_group"][g] == "head"}) == 1
+    assert "nearest the target" in rep["epr_statement"]
+    assert rep["saved_model"]["standard"] is True and io.is_standard(tmp_path / "run" / "model")
+    assert "AutoModelForCausalLM.from_pretrained" in rep["saved_model"]["loader"]
+
+
+def test_free_widths_stay_available_for_hf_layers():
+    model = _llama()
+    calib = _text_batches()
+    for opts in (dict(uniform_widths=False), dict(allocation="global")):
+        cfg = PruneConfig(target=0.15, kinds=("ffn", "head"), round_fraction=0.1,
+                          finetune=FinetuneConfig(epochs=0), **opts)
+        costs = _unit_costs(model, cfg.kinds)
+        res = prune(copy.deepcopy(model), calib, cfg)
+        assert res.report["uniform_widths"] is False and res.report["round_to"] == 1
+        _check_target(res.model, res.report, cfg, costs)  # at the target, overshoot below one unit
+
+
+def test_plain_models_keep_free_widths_unless_asked():
+    model, kw, calib = mlp_setup()
+    cfg = PruneConfig(target=0.4, kinds=("neuron",), round_fraction=0.1, scorer="l1",
+                      finetune=FinetuneConfig(epochs=0), uniform_widths=True, round_to=4)
+    costs = _unit_costs(model, cfg.kinds)
+    res = prune(copy.deepcopy(model), calib, cfg, **kw)
+    rep = res.report
+    assert rep["uniform_widths"] is True and rep["round_to"] == 4
+    _check_target(res.model, rep, cfg, costs)  # 48- and 40-wide layers: two classes, each a multiple of 4
+    assert all(w % 4 == 0 for w in rep["widths_after"].values())
+    assert prune(copy.deepcopy(model), calib, PruneConfig(target=0.4, kinds=("neuron",), scorer="l1",
+                                                          finetune=FinetuneConfig(epochs=0)),
+                 **kw).report["uniform_widths"] is False
+
+
+def test_uniform_width_options_are_validated():
+    with pytest.raises(ValueError, match="global"):
+        PruneConfig(uniform_widths=True, allocation="global")
+    with pytest.raises(ValueError, match="round_to"):
+        PruneConfig(round_to=0)
+    with pytest.raises(TypeError, match="uniform_widths"):
+        PruneConfig(uniform_widths="yes")

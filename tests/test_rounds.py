@@ -207,3 +207,19 @@ def test_scoring_block_by_block_with_offsets_equals_the_whole_round():
     outs, _ = rounds.score_groups(groups[1:], rounds.capture_signals(model, groups[1:], calib, cfg), cfg,
                                   round_index=2)
     assert not torch.equal(outs[groups[1].name].scores, whole.outputs[groups[1].name].scores)  # offset matters
+
+
+def test_nearest_trim_picks_the_step_boundary_closest_to_the_target():
+    model = _mlp()
+    groups = units.discover_groups(model)
+    steps = [[(g.name, [u]) for g in groups] for u in range(8)]  # each step: one unit from every group
+    p0 = accounting.count_params(model)
+    counts = [accounting.params_after_removal(model, groups, {g.name: n for g in groups}) for n in range(9)]
+    step = counts[2] - counts[3]
+    for frac, want in ((0.3, 2), (0.7, 3)):  # the target 30% / 70% of the way from 2 steps to 3
+        target = counts[2] - frac * step
+        cut = rounds.trim_steps(model, groups, steps, int(target), nearest_to=target)
+        assert len(cut) == want
+        assert len(rounds.trim_steps(model, groups, steps, int(target))) == 3  # without: reach the budget
+    assert rounds.trim_steps(model, groups, steps, p0 - 1, nearest_to=p0 - 0.4, min_steps=1) == steps[:1]
+    assert rounds.trim_steps(model, groups, steps, p0 - 1, nearest_to=p0 - 0.4) == []

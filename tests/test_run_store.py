@@ -74,11 +74,15 @@ def test_keep_checkpoints_keeps_the_final_one(tmp_path, monkeypatch):
     ck = tmp_path / CHECKPOINT
     with safe_open(str(ck), framework="pt") as f:
         assert json.loads(f.metadata()["state"])["phase"] == "done"
-    for f in ("model.pt", "report.md", "widths.png"):  # as if killed while writing the outputs
+    assert not (tmp_path / "model.pt").exists()  # no whole-module pickle in a run directory
+    import shutil
+
+    shutil.rmtree(tmp_path / "model")
+    for f in ("report.md", "widths.png"):  # as if killed while writing the outputs
         (tmp_path / f).unlink()
     _no_unpickling(monkeypatch)
     again = prune(copy.deepcopy(model), calib, cfg, out_dir=tmp_path, resume=True, keep_checkpoints=True, **kw)
-    assert all((tmp_path / f).stat().st_size > 0 for f in ("model.pt", "report.md", "widths.png"))
+    assert all((tmp_path / f).stat().st_size > 0 for f in ("model/model.safetensors", "report.md", "widths.png"))
     assert ck.exists() and json.dumps(again.report, default=str) == json.dumps(res.report, default=str)
     for a, b in zip(again.model.state_dict().values(), res.model.state_dict().values(), strict=True):
         assert torch.equal(a, b)

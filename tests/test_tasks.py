@@ -82,12 +82,43 @@ def test_lm_loss_ignores_padding_and_perplexity_is_exp_mean_nll():
     assert tasks.perplexity(m, [batch]) == pytest.approx(math.exp(float(ref)), rel=1e-5)
 
 
-def test_saved_torch_model_path_runs_on_image_data(digits, tmp_path):
+def test_saved_state_dict_of_a_builtin_architecture_runs_on_image_data(digits, tmp_path):
     p = tmp_path / "mlp.pt"
-    torch.save(digits.model, p)
+    torch.save(digits.model.state_dict(), p)
     t = load_task(str(p), "digits")
     assert t.evaluate(t.model) == pytest.approx(digits.evaluate(digits.model))
     assert t.model_name == str(p)
+
+
+def test_a_pickled_module_is_refused_never_unpickled(tmp_path, monkeypatch):
+    p = tmp_path / "m.pt"
+    torch.save(MLP(64, (8,), 10), p)
+    real = torch.load
+    calls = []
+
+    def spy(*a, **k):
+        calls.append(k.get("weights_only"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch, "load", spy)
+    with pytest.raises(ValueError, match="never unpickles") as e:
+        load_task(str(p), "digits")
+    assert calls and all(w is True for w in calls)
+    assert "\n" not in str(e.value) and "DIR/model" in str(e.value)
+
+
+def test_pruned_plain_folder_reloads_as_the_builtin_architecture(digits, tmp_path):
+    from spectra_gpu import io, surgery, units
+
+    m = MLP(64, (256, 256), 10)
+    m.load_state_dict(digits.model.state_dict())
+    g = units.discover_groups(m)[0]
+    surgery.remove_units(m, g, torch.arange(0, 256, 3))
+    io.save_pruned(m, tmp_path / "model")
+    t = load_task(str(tmp_path / "model"))
+    assert t.data_name == "digits" and isinstance(t.model, MLP)
+    assert [lin.out_features for lin in t.model.layers] == [256 - 86, 256]
+    assert t.evaluate(t.model) == pytest.approx(digits.evaluate(m))
 
 
 @pytest.mark.parametrize("model,data,match", [
@@ -103,7 +134,7 @@ def test_bad_names_are_value_errors(model, data, match):
 
 def test_saved_model_needs_image_data(tmp_path):
     p = tmp_path / "m.pt"
-    torch.save(MLP(64, (8,), 10), p)
+    torch.save(MLP(64, (8,), 10).state_dict(), p)
     with pytest.raises(ValueError, match="needs --data"):
         load_task(str(p))
     with pytest.raises(ValueError, match="image data"):
@@ -128,6 +159,19 @@ def test_minilm_rotten_tomatoes_head_beats_majority():
     b = t.calib[0]
     assert set(b) == {"input_ids", "attention_mask", "labels"} and b["input_ids"].shape[1] <= 64
     assert t.forward(t.model, b).shape == (len(b["labels"]), 2)
+
+
+def test_pruned_minilm_classifier_folder_reloads_with_the_bundled_encoder(tmp_path):
+    from spectra_gpu import io, surgery, units
+
+    t = tasks._text_task("minilm-rt", None, None, 0, 0.0, n_train=256, n_test=64, n_calib=32)
+    g = [g for g in units.discover_groups(t.model) if g.kind == "ffn"][0]
+    surgery.remove_units(t.model, g, torch.arange(0, 1536, 2))
+    io.save_pruned(t.model, tmp_path / "model")
+    back, tok, natural = tasks._load_path(tmp_path / "model")
+    assert natural == "rotten-tomatoes" and tok is not None and isinstance(back, tasks.EncoderClassifier)
+    b = t.calib[0]
+    torch.testing.assert_close(t.forward(back, b), t.forward(t.model, b), rtol=0, atol=1e-5)
 
 
 def test_smollm2_hamlet_perplexity_is_finite_and_sane():

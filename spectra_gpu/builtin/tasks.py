@@ -22,10 +22,12 @@ The MNIST CNN's BatchNorms get their running statistics re-estimated on the cali
 round (``recalibrate_bn``; buffers, not parameters): stale statistics, not the criterion, otherwise dominate
 its accuracy after pruning.
 
-``--model`` may also be a saved torch model (``torch.save(model)``, e.g. a run's DIR/model.pt) used with an
-image dataset, a Hugging Face model directory written by ``spectra_gpu.io.save_pruned`` (a run's DIR/model),
-or a Hugging Face folder: a causal LM (-> english-text), a sequence classifier with 2 labels, or a bare
-encoder that gets a trained mean-pool head (-> rotten-tomatoes).
+``--model`` may also be a folder written by ``spectra_gpu.io.save_pruned`` (a run's DIR/model: a Hugging Face
+model, or a built-in plain model rebuilt from the architecture its spectra.json names and the saved widths),
+a Hugging Face folder (a causal LM -> english-text, a sequence classifier with 2 labels, or a bare encoder
+that gets a trained mean-pool head -> rotten-tomatoes), or a weights-only ``state_dict`` file of a built-in
+image architecture (``torch.save(model.state_dict(), path)``, used with an image dataset). Files are loaded
+with ``torch.load(weights_only=True)`` only: a pickled module is refused, never unpickled.
 """
 
 from __future__ import annotations
@@ -379,12 +381,73 @@ def _lm_task(model_name: str, model: nn.Module | None, tok: Any, seed: int, t0: 
 
 
 # ---- loading by name or path ---------------------------------------------------------------------------
+def builtin_from_state(state: dict[str, Any]) -> tuple[nn.Module, str] | None:
+    """(model, natural data) for a state_dict of a built-in image architecture (``MLP``: layers.i / head;
+    ``CNN``: conv1 / conv2 / fc1 / fc2 with their BatchNorms), built at the state's (possibly pruned) widths
+    and loaded strictly; None when the keys match neither."""
+    keys = set(state)
+    try:
+        if {"head.weight", "layers.0.weight"} <= keys:
+            n = len([k for k in keys if k.startswith("layers.") and k.endswith(".weight")])
+            ws = [state[f"layers.{i}.weight"] for i in range(n)]
+            model: nn.Module = MLP(int(ws[0].shape[1]), [int(w.shape[0]) for w in ws],
+                                   int(state["head.weight"].shape[0]))
+            data = "digits" if int(ws[0].shape[1]) == 64 else "mnist5k"
+        elif {"conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"} <= keys:
+            model = CNN(int(state["conv1.weight"].shape[0]), int(state["conv2.weight"].shape[0]),
+                        int(state["fc1.weight"].shape[0]))
+            data = "mnist5k"
+        else:
+            return None
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, KeyError, IndexError, AttributeError):
+        return None
+    return model.eval(), data
+
+
+_NO_PICKLE = ("spectra_gpu never unpickles a model file (unpickling runs code); pass a run's DIR/model folder "
+              "(spectra_gpu.save_pruned), a Hugging Face folder, a built-in name, or a weights-only state_dict "
+              "of a built-in architecture (torch.save(model.state_dict(), path))")
+
+
+def _load_saved_plain(path: Path) -> tuple[nn.Module, Any, str]:
+    """A plain module written by ``io.save_pruned`` (e.g. a run's DIR/model): the built-in architecture named
+    in its spectra.json rebuilt at the saved widths (digits-mlp / mnist-cnn: from the tensors' shapes;
+    minilm-rt: the bundled MiniLM encoder + head, reshaped by ``load_pruned``)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from .. import io as sgio
+
+    cls = json.loads((path / "spectra.json").read_text()).get("class", "")
+    if cls in (f"{__name__}.MLP", f"{__name__}.CNN"):
+        built = builtin_from_state(load_file(str(path / "model.safetensors")))
+        if built is not None:
+            return sgio.load_pruned(path, model=built[0]), None, built[1]
+    if cls == f"{__name__}.EncoderClassifier":
+        enc, tok = zoo.load_minilm()
+        fresh = EncoderClassifier(enc)
+        key = "encoder.embeddings.word_embeddings.weight"
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            same = key in f.keys() and list(f.get_slice(key).get_shape()) == list(fresh.state_dict()[key].shape)  # noqa: SIM118
+        if same:
+            return sgio.load_pruned(path, model=fresh), tok, "rotten-tomatoes"
+    raise ValueError(f"model: {str(path)!r} holds a plain torch module ({cls or 'unknown class'}) that is not a "
+                     f"built-in model; reload it in Python with spectra_gpu.load_pruned(path, model=<a fresh "
+                     f"instance of its class>)")
+
+
 def _load_path(path: Path) -> tuple[nn.Module, Any, str | None]:
-    """(model, tokenizer or None, natural data name or None) from a saved torch model or an HF folder."""
-    if path.is_dir() and (path / "spectra.json").is_file():  # written by io.save_pruned (e.g. DIR/model)
+    """(model, tokenizer or None, natural data name or None) from a folder written by ``io.save_pruned``, a
+    Hugging Face folder, or a weights-only state_dict file of a built-in architecture (never a pickle)."""
+    if path.is_dir() and (path / "spectra.json").is_file() and not (path / "config.json").is_file():
+        return _load_saved_plain(path)
+    if path.is_dir() and (path / "spectra.json").is_file():  # a Hugging Face model written by io.save_pruned
         from .. import io as sgio
 
-        m = sgio.load_pruned(path)  # HF models only; plain modules say to use DIR/model.pt
+        m = sgio.load_pruned(path)
         tok = sgio.load_tokenizer(path)
         arch = type(m).__name__
         natural = "english-text" if "CausalLM" in arch else "rotten-tomatoes"
@@ -421,13 +484,15 @@ def _load_path(path: Path) -> tuple[nn.Module, Any, str | None]:
         return EncoderClassifier(enc), tok, "rotten-tomatoes"
     if path.is_file():
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # not a torch file: say so in one line
-            raise ValueError(f"model: cannot load {str(path)!r} as a saved torch model ({type(e).__name__})") from None
-        if not isinstance(obj, nn.Module):
-            raise ValueError(f"model: expected {str(path)!r} to hold a saved torch.nn.Module, got "
-                             f"{type(obj).__name__} (save the module itself, not a state_dict)")
-        return obj.eval(), None, None
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a pickle of a module (or not a torch file at all): refused, never unpickled
+            raise ValueError(f"model: cannot load {str(path)!r} weights-only ({type(e).__name__}); "
+                             f"{_NO_PICKLE}") from None
+        built = builtin_from_state(obj) if isinstance(obj, dict) else None
+        if built is None:
+            raise ValueError(f"model: {str(path)!r} holds a {type(obj).__name__} that is not a state_dict of a "
+                             f"built-in architecture (MLP, CNN); {_NO_PICKLE}")
+        return built[0], None, None
     raise ValueError(f"model: expected a built-in name ({', '.join(MODELS)}), a Hugging Face folder or a saved "
                      f"torch model file, got {str(path)!r} (no such file or directory)")
 
@@ -475,5 +540,5 @@ def load_task(model: str, data: str | None = None, *, seed: int = 0) -> Task:
     return _lm_task(model, mod, tok, seed, t0)
 
 
-__all__ = ["CNN", "DATASETS", "MLP", "MODELS", "EncoderClassifier", "Task", "accuracy", "cache_dir",
-           "classification_loss", "lm_loss", "load_task", "perplexity"]
+__all__ = ["CNN", "DATASETS", "MLP", "MODELS", "EncoderClassifier", "Task", "accuracy", "builtin_from_state",
+           "cache_dir", "classification_loss", "lm_loss", "load_task", "perplexity"]
