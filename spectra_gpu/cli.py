@@ -318,10 +318,22 @@ def _add_env(sub: Any) -> None:
     sub.add_parser("env", help="versions, devices and which backends are available")
 
 
+def _add_export(sub: Any) -> None:
+    from .export import add_export_parser
+
+    add_export_parser(sub)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import run_export
+
+    return run_export(args)
+
+
 # name -> (parser builder, command); the order is the order of ``spectra --help``
 COMMANDS: dict[str, tuple[Any, Any]] = {
     "demo": (_add_demo, _demo), "prune": (_add_prune, _prune), "score": (_add_score, _score),
-    "report": (_add_report, _report), "env": (_add_env, _env),
+    "report": (_add_report, _report), "export": (_add_export, _export), "env": (_add_env, _env),
 }
 
 

@@ -13,7 +13,7 @@ per-layer arrays, which the format and llama.cpp allow; transformers' GGUF loade
 files are for llama.cpp. What the format cannot hold (a head size that differs across layers, attention or MLP
 biases, RoPE scaling) raises a ValueError saying so.
 
-``cli_main(argv)`` is the ``spectra export DIR --gguf OUT.gguf [--dtype f16|f32]`` command.
+``add_export_parser`` / ``run_export`` are the ``spectra export DIR --gguf OUT.gguf [--dtype f16|f32]`` command.
 """
 
 from __future__ import annotations
@@ -205,11 +205,3 @@ def run_export(args: argparse.Namespace) -> int:
     out = export_gguf(src, args.gguf, dtype=args.dtype)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.dtype})")
     return 0
-
-
-def cli_main(argv: list[str] | None = None) -> int:
-    """``spectra export DIR --gguf OUT.gguf`` as a standalone entry point (``argv`` without the program name)."""
-    parser = argparse.ArgumentParser(prog="spectra")
-    add_export_parser(parser.add_subparsers(dest="cmd", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args))

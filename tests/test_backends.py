@@ -33,6 +33,7 @@ def _run(code: str, **env: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_import_and_score_without_triton_cupy_or_gpu():
     res = _run("""
 import json, sys
@@ -64,6 +65,7 @@ print(json.dumps({"finite": bool(torch.isfinite(res.scores).all()), "err": err,
            "union_graph): available" in rep
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU reasons")
 def test_without_interpreter_cpu_tensors_are_rejected_and_auto_falls_back_once():
     res = _run("""

@@ -159,6 +159,7 @@ def _check(report: dict[str, dict[str, float | bool]], expected: int) -> None:
         assert r["max_diff"] <= 1e-10, (key, r["max_diff"])
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
     pytest.importorskip("transformers")
     # mlp: 3 scorers x whole x 2 rounds; llama: 2 scorers x 2 paths x 2 rounds; bert: 2 paths x 1 round

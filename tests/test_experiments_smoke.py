@@ -135,6 +135,7 @@ def test_head_removal_smoke() -> None:
         common.method_options("hybrid", "head")
 
 
+@pytest.mark.slow
 def test_finetune_driver_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The driver-based fine-tune experiment on the digits MLP task: EPR lands on the target, metrics recorded
     before and after the fine-tune, in the finetune JSON contract make_report reads."""
@@ -155,6 +156,7 @@ def test_finetune_driver_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert make_report.ported(saved) and "after FT at EPR 30%" in make_report.headline(saved)
 
 
+@pytest.mark.slow
 def test_finetune_driver_resume_and_merge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A `spectra prune` report.json made with the same schedule is merged as a run and not rerun; --resume
     keeps the runs in --out; a report made with another schedule is refused."""

@@ -260,11 +260,15 @@ def test_gguf_export_errors(tmp_path):
 
 
 def test_export_cli_writes_a_gguf_from_a_run_directory(tmp_path, capsys):
-    from spectra_gpu.export import cli_main
+    from spectra_gpu.cli import main
 
     save_pruned(_tiny_llama_uniform(), tmp_path / "run" / "model")
-    assert cli_main(["export", str(tmp_path / "run"), "--gguf", str(tmp_path / "x.gguf"), "--dtype", "f32"]) == 0
+    assert main(["export", str(tmp_path / "run"), "--gguf", str(tmp_path / "x.gguf"), "--dtype", "f32"]) == 0
     assert (tmp_path / "x.gguf").stat().st_size > 0 and "x.gguf" in capsys.readouterr().out
+    assert main(["export", str(tmp_path / "nothing"), "--gguf", str(tmp_path / "y.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert "spectra export: error:" in err and "spectra.json" in err and "Traceback" not in err
+    assert not (tmp_path / "y.gguf").exists()
 
 
 @pytest.mark.slow

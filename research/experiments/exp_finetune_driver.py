@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     continue
                 cfg = sg.PruneConfig(target=target, scorer=m, kinds=kinds,
                                   round_fraction=a.round_fraction, epr_basis=task.epr_basis, seed=seed,
-                                  track_metric=False, recalibrate_bn=task.recalibrate_bn, finetune=ft)
+                                  track_metric=False, recalibrate_bn=task.recalibrate_bn, finetune=ft,
+                                  uniform_widths=False)  # the recorded runs chose per-layer widths
                 t = time.perf_counter()
                 res = sg.prune(copy.deepcopy(dense), task.calib, cfg, loss_fn=task.loss_fn, evaluate=task.evaluate,
                             metric_name=task.metric_name, train_batches=task.train_batches, forward=task.forward,

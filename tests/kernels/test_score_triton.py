@@ -42,6 +42,7 @@ def calls(monkeypatch):
     ("dense", 48, {"direction": "sym", "weighted": True}),
     ("lobpcg", 64, {}),
 ])
+@pytest.mark.slow
 def test_score_triton_matches_torch(device, calls, solver, n, kwargs):
     pre, post = relu_layer(n, 40, seed=1)
     pre, post = pre.to(device), post.to(device)

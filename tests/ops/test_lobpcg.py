@@ -38,6 +38,7 @@ def test_dense_generalized_matches_scipy():
     check_pairs(a, b, sg.generalized_eigh_dense(a, b, 6, largest=False), 6, largest=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("largest", [True, False])
 def test_lobpcg_matches_scipy(largest):
     a, b = pencil(120, seed=1)
