@@ -191,6 +191,31 @@ def _bar(batches: Iterable[Any], show: bool, desc: str) -> Iterable[Any]:
     return tqdm(batches, desc=desc, total=total, leave=False, dynamic_ncols=True)
 
 
+def hooked_pass(model: nn.Module, handles: Sequence[Any], batches: Iterable[Any], forward: ForwardFn | None,
+                rows: _Rows, *, desc: str, progress: bool, before_batch: Callable[[], None] | None = None,
+                full: Callable[[], bool] | None = None) -> None:
+    """One no-grad pass over ``batches`` in eval mode for hooks that are already registered: for each batch,
+    ``rows.keep`` is set to its token mask and ``before_batch()`` runs, then ``forward(model, batch)``; the
+    pass stops early once ``full()`` is true. Afterwards (also on error) every handle is removed and the
+    training flag restored."""
+    fwd = forward or default_forward
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in _bar(batches, progress, desc):
+                rows.keep = _token_mask(batch)
+                if before_batch is not None:
+                    before_batch()
+                fwd(model, batch)
+                if full is not None and full():
+                    break
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
 def capture(model: nn.Module, groups: Sequence[UnitGroup], batches: Iterable[Any], *,
             forward: ForwardFn | None = None, max_samples: int | None = None, positions_per_image: int | None = 64,
             mode: str = "exact", sketch_dim: int = 4096, seed: int = 0,
@@ -202,23 +227,10 @@ def capture(model: nn.Module, groups: Sequence[UnitGroup], batches: Iterable[Any
     exact)."""
     _check(model, groups, max_samples)
     _check_positions(positions_per_image)
-    fwd = forward or default_forward
     rows = _Rows(positions_per_image, seed)
     caps = [_GroupCapture(g, rows, max_samples, mode, sketch_dim, seed + i, precision) for i, g in enumerate(groups)]
-    handles = [h for c in caps for h in c.register()]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in _bar(batches, progress, "capture"):
-                rows.keep = _token_mask(batch)
-                fwd(model, batch)
-                if all(c.full for c in caps):
-                    break
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    hooked_pass(model, [h for c in caps for h in c.register()], batches, forward, rows, desc="capture",
+                progress=progress, full=lambda: all(c.full for c in caps))
     for c in caps:
         if c.count == 0:
             raise ValueError(f"capture: group {c.g.name!r} received no samples; its modules "
@@ -457,28 +469,19 @@ def capture_streams(model: nn.Module, streams: Sequence[StreamGroup], batches: I
     if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
         raise ValueError(f"max_samples: expected a positive int or None, got {max_samples!r}")
     _check_positions(positions_per_image)
-    fwd = forward or default_forward
     rows = _Rows(positions_per_image, seed)
     caps = [_StreamCapture(s, rows, max_samples, mode, sketch_dim, seed + 3 * i, precision)
             for i, s in enumerate(streams)]
-    handles = [h for c in caps for h in c.register()]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in _bar(batches, progress, "capture streams"):
-                rows.keep = _token_mask(batch)
-                for c in caps:
-                    c.reset()
-                fwd(model, batch)
-                if all(c.full for c in caps):
-                    break
-    finally:
-        for h in handles:
-            h.remove()
+
+    def reset() -> None:
         for c in caps:
             c.reset()
-        model.train(was_training)
+
+    try:
+        hooked_pass(model, [h for c in caps for h in c.register()], batches, forward, rows, desc="capture streams",
+                    progress=progress, before_batch=reset, full=lambda: all(c.full for c in caps))
+    finally:
+        reset()
     return {c.s.name: c.result() for c in caps}
 
 

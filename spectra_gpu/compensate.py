@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import surgery
-from .capture import _bar, _Rows, _token_mask, default_forward
+from .capture import _Rows, hooked_pass
 from .units import UnitGroup, group_by_name
 
 ForwardFn = Callable[[nn.Module, Any], Any]
@@ -214,19 +214,8 @@ def capture_grams(model: nn.Module, groups: Sequence[UnitGroup], removed: Mappin
     rows = _Rows(None, 0)
     mm = torch.float32 if precision == "fp32" else torch.float64
     caps = [_GramCapture(g, r, rows, mm, mask) for g, r in plan]
-    handles = [c.g.consumer.register_forward_pre_hook(c.pre) for c in caps]
-    fwd = forward or default_forward
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in _bar(batches, progress, "compensation"):
-                rows.keep = _token_mask(batch)
-                fwd(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    hooked_pass(model, [c.g.consumer.register_forward_pre_hook(c.pre) for c in caps], batches, forward, rows,
+                desc="compensation", progress=progress)
     return {c.g.name: c.result() for c in caps}
 
 

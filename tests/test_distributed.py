@@ -42,14 +42,9 @@ def _mlp_case():
 
 
 def _tokens(vocab: int, n: int, b: int, t: int) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(2)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, vocab, (b, t), generator=g)
-        mask = torch.ones_like(ids)
-        mask[-1, (3 * t) // 4:] = 0
-        out.append({"input_ids": ids, "attention_mask": mask})
-    return out
+    from test_sequential import token_batches  # this file's folder is on sys.path under pytest and torchrun
+
+    return token_batches(vocab, n, b, t, seed=2)
 
 
 def _llama_case():
