@@ -221,7 +221,8 @@ def finetune(model: torch.nn.Module, batches: Callable[[int], Iterable[Any]],
         model.train()
         tot, cnt, tot_kd, tot_task = 0.0, 0, 0.0, 0.0
         data = first if epoch == 0 else batches(epoch)
-        for batch in progress(data, desc=f"{desc} epoch {epoch + 1}/{epochs}", total=len(data)):  # type: ignore[arg-type]
+        this_epoch = min(len(data), total - step)  # type: ignore[arg-type]  # the steps this epoch runs (--steps)
+        for batch in progress(data, desc=f"{desc} epoch {epoch + 1}/{epochs}", total=this_epoch):
             if step >= total:
                 break
             opt.zero_grad(set_to_none=True)

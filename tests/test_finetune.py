@@ -165,3 +165,24 @@ def test_kd_refuses_bad_input():
             FinetuneConfig(**bad)
     with pytest.raises(ValueError, match="shape"):
         kd_loss(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+def test_progress_totals_are_the_steps_each_epoch_runs(monkeypatch):
+    import sys
+
+    ft = sys.modules["spectra_gpu.finetune"]  # the package's `finetune` attribute is the function
+    totals: list[int] = []
+
+    def recording(it, desc="", total=None, **kw):
+        totals.append(total)
+        return it
+
+    monkeypatch.setattr(ft, "progress", recording)
+    model = nn.Linear(4, 2)
+    data = [(torch.randn(3, 4), torch.randint(0, 2, (3,))) for _ in range(4)]
+
+    def loss_fn(m, b):
+        return F.cross_entropy(m(b[0]), b[1])
+
+    hist = finetune(model, lambda e: data, loss_fn, FinetuneConfig(epochs=3, steps=6))
+    assert totals == [4, 2] and hist[-1]["steps"] == 6
