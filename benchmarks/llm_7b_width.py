@@ -39,14 +39,14 @@ WIDTHS = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads"
           "vocab_size": 32000}
 
 
-def _config(layers: int, seq_len: int) -> Any:
+def _config(layers: int, seq_len: int, widths: dict[str, int] = WIDTHS) -> Any:
     from transformers import LlamaConfig
 
-    return LlamaConfig(**WIDTHS, num_hidden_layers=layers, max_position_embeddings=max(4096, seq_len),
+    return LlamaConfig(**widths, num_hidden_layers=layers, max_position_embeddings=max(4096, seq_len),
                        tie_word_embeddings=False, torch_dtype="float32")
 
 
-def write_shards(folder: Path, layers: int, seed: int) -> None:
+def write_shards(folder: Path, layers: int, seed: int, widths: dict[str, int] = WIDTHS) -> None:
     """The random model's tensors, one safetensors file per layer (+ one for embeddings / norm / head) and
     an index, without ever holding more than one layer."""
     from accelerate import init_empty_weights
@@ -54,7 +54,7 @@ def write_shards(folder: Path, layers: int, seed: int) -> None:
     from transformers import LlamaForCausalLM
 
     with init_empty_weights():
-        model = LlamaForCausalLM(_config(layers, 128))
+        model = LlamaForCausalLM(_config(layers, 128, widths))
     gen = torch.Generator().manual_seed(seed)
     parts: dict[str, list[tuple[str, torch.Size]]] = {}
     for name, p in model.named_parameters():
@@ -64,17 +64,18 @@ def write_shards(folder: Path, layers: int, seed: int) -> None:
                    for n, shape in names}, str(folder / f"{part}.safetensors"))
     weight_map = {n: f"{part}.safetensors" for part, names in parts.items() for n, _ in names}
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    _config(layers, 128, widths).save_pretrained(str(folder))
 
 
 def _part(name: str) -> str:
     return f"layer{int(name.split('.')[2]):02d}" if name.startswith("model.layers.") else "rest"
 
 
-def _calib(tokens: int, seq_len: int, seed: int) -> list[dict[str, torch.Tensor]]:
+def _calib(tokens: int, seq_len: int, seed: int, vocab: int = WIDTHS["vocab_size"]) -> list[dict[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed + 1)
     out = []
     for _ in range(max(1, tokens // seq_len)):
-        ids = torch.randint(0, WIDTHS["vocab_size"], (1, seq_len), generator=gen)
+        ids = torch.randint(0, vocab, (1, seq_len), generator=gen)
         out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     return out
 

@@ -9,11 +9,12 @@ Runs, in this order, and writes one JSON:
 4. ``score``: ``sg.score`` end to end on one synthetic ReLU layer of N = 11008 units and M = 16384 samples, with
    fp32 and with bf16 inputs, beside the floor exact kNN cannot avoid (the two fp32 Gram products Z Z^T and
    A A^T) measured in the same run; seconds, ratio to the floor, peak device memory;
-5. ``sequential``: a layer-sequential score of a Llama model at Llama-2-7B widths (skipped, with the reason,
-   until the layer-sequential path exists in the package).
+5. ``sequential``: a layer-sequential score (``spectra_gpu.sequential``) of a random 2-layer Llama at Llama-2-7B
+   widths on 16k tokens, blocks read lazily from safetensors shards, hidden states on the device.
 
-Without a CUDA device every GPU part is skipped with the reason and ``score`` runs a small CPU shape instead, so
-CI exercises the script. Synthetic data only; the checkout runs in place (``PYTHONPATH=.``), nothing is installed.
+Without a CUDA device every GPU part is skipped with the reason, and ``score`` and ``sequential`` run small CPU
+shapes instead, so CI exercises the script. Synthetic data only; the checkout runs in place (``PYTHONPATH=.``),
+nothing is installed.
 """
 
 from __future__ import annotations
@@ -141,8 +142,55 @@ def score_end_to_end(repeats: int) -> dict[str, Any]:
     return out
 
 
-def sequential_7b() -> dict[str, Any]:
-    return {"skipped": "the layer-sequential path (issue 13) is not in the package yet"}
+TINY_WIDTHS = {"hidden_size": 64, "intermediate_size": 176, "num_attention_heads": 4, "num_key_value_heads": 4,
+               "vocab_size": 512}
+
+
+def sequential_7b(tokens: int = 16384, seq_len: int = 1024, layers: int = 2) -> dict[str, Any]:
+    """``spectra_gpu.sequential`` on a random Llama at Llama-2-7B widths (``benchmarks/llm_7b_width.py``'s
+    model, shards written to a temporary folder, blocks read lazily), spectral scorer, hidden states on the
+    device. Without CUDA the same code runs on a tiny Llama (hidden 64) on CPU, as a smoke test."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import llm_7b_width as bench
+
+    from spectra_gpu.config import PruneConfig
+    from spectra_gpu.sequential import capture_and_score_sequential, load_empty, peak_memory
+    from spectra_gpu.units import discover_groups
+
+    device = torch.device("cuda" if _cuda() else "cpu")
+    widths = bench.WIDTHS if _cuda() else TINY_WIDTHS
+    if not _cuda():
+        tokens, seq_len = 256, 64
+    out: dict[str, Any] = {"device": str(device), "layers": layers, "tokens": tokens, "seq_len": seq_len,
+                           "widths": widths}
+    if not _cuda():
+        out["note"] = "no CUDA device: a tiny Llama (hidden 64) on CPU runs the same code instead of 7B widths"
+    with tempfile.TemporaryDirectory() as d:
+        t = time.perf_counter()
+        bench.write_shards(Path(d), layers, 0, widths)
+        out["seconds_write_shards"] = time.perf_counter() - t
+        model = load_empty(d)
+        groups = discover_groups(model, ("ffn", "head"))
+        calib = bench._calib(tokens, seq_len, 0, widths["vocab_size"])
+        cfg = PruneConfig(scorer="spectral", kinds=("ffn", "head"))
+        if _cuda():
+            torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        res = capture_and_score_sequential(model, groups, calib, cfg, weights=d, device=device,
+                                           hidden_store="device")
+        _sync()
+        out.update(seconds_total=time.perf_counter() - t, seconds_capture=res.seconds_capture,
+                   seconds_scorer=res.seconds_scorer, blocks=res.blocks, **peak_memory(device))
+        out["lambda_1"] = {g: float(o.extra["eigenvalues"][0]) for g, o in res.outputs.items()
+                           if o.extra.get("eigenvalues") is not None and len(o.extra["eigenvalues"])}
+    return out
+
+
+def _write(out: Path, result: dict[str, Any]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=str))
+    os.replace(tmp, out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,14 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # one broken part must not lose the others' figures
             result[key] = {"error": f"{type(e).__name__}: {e}"}
         result[key]["seconds_part"] = time.perf_counter() - t
-        print(f"[gpu check] {key}: {json.dumps(result[key])[:400]}", flush=True)
-    result["seconds_total"] = time.perf_counter() - t0
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out)
-    print(f"[gpu check] wrote {out}")
+        print(f"[gpu check] {key}: {json.dumps(result[key], default=str)[:400]}", flush=True)
+        result["seconds_total"] = time.perf_counter() - t0
+        _write(Path(args.out), result)  # after every part: a run stopped by run.sh's timeout keeps its figures
+    print(f"[gpu check] wrote {args.out}")
     failed = any("error" in result[k] for k in ("cuda_tests", "kernel_benchmarks", "score", "sequential"))
     failed |= result["cuda_tests"].get("returncode", 0) not in (0, 5)
     return 1 if failed else 0
