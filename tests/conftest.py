@@ -15,6 +15,15 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (restored after): results that must not depend on the thread count."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def relu_layer(n: int, m: int, d: int = 32, seed: int = 0, bias: float = 0.3):
     """pre/post signals of a random ReLU layer: [n units, m samples], tie-free."""
     g = torch.Generator().manual_seed(seed)

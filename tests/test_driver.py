@@ -15,10 +15,7 @@ from spectra_gpu.finetune import FinetuneConfig
 from spectra_gpu.report import atomic_write
 from spectra_gpu.run_store import CHECKPOINT
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # exact comparisons of runs, on one thread
 
 
 def _xy(n, d, classes, seed=0):

@@ -26,12 +26,7 @@ from spectra_gpu.integrations.torch_pruning import SpectraImportance, SpectralIm
 EXACT = dict(precision="fp64", positions_per_image=None)  # score the very signals an oracle collects
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the adapters' exact comparisons, on one thread
 
 
 class CNN(nn.Module):

@@ -18,13 +18,7 @@ from spectra_gpu.scorers import NEEDS_TAYLOR
 tp = pytest.importorskip("torch_pruning")
 from spectra_gpu.integrations.torch_pruning import SpectraImportance  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the adapters' exact comparisons, on one thread
 
 
 class BasicBlock(nn.Module):

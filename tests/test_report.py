@@ -11,10 +11,7 @@ from spectra_gpu import _progress, driver, report
 from spectra_gpu.driver import PruneConfig, prune
 from spectra_gpu.finetune import FinetuneConfig
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # exact comparisons of runs, on one thread
 
 
 def _mixed_report():

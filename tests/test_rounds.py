@@ -13,10 +13,7 @@ from spectra_gpu.config import PruneConfig
 from spectra_gpu.driver import score_model
 from spectra_gpu.finetune import FinetuneConfig
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # exact comparisons of runs, on one thread
 
 
 def _mlp():

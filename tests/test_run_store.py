@@ -14,10 +14,7 @@ from spectra_gpu.driver import PruneConfig, prune
 from spectra_gpu.finetune import FinetuneConfig
 from spectra_gpu.run_store import CHECKPOINT, LEGACY_CHECKPOINT, RunState, _decode, _encode
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # exact comparisons of runs, on one thread
 
 
 class Crash(RuntimeError):

@@ -62,39 +62,43 @@ def _pytest(args: list[str], timeout: float) -> tuple[int, str]:
     return p.returncode, (p.stdout + p.stderr)[-4000:]
 
 
-def cuda_tests(timeout: float) -> dict[str, Any]:
+def _pytest_part(args: list[str], report: str, timeout: float, read: Any) -> dict[str, Any]:
+    """Run pytest with ``args`` plus ``report`` (an option naming a file in a temporary folder, e.g.
+    "--junitxml={}"); ``read(path)`` turns that file into the part's figures."""
     if not _cuda():
         return {"skipped": "no CUDA device: torch.cuda.is_available() is False"}
     with tempfile.TemporaryDirectory() as d:
-        xml = Path(d) / "junit.xml"
-        rc, tail = _pytest(["tests", "-m", "cuda", f"--junitxml={xml}"], timeout)
+        path = Path(d) / "report"
+        rc, tail = _pytest([*args, report.format(path)], timeout)
         out: dict[str, Any] = {"returncode": rc}
-        if xml.exists():
-            suite = ET.parse(xml).getroot()
-            suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-            assert suite is not None
-            for key in ("tests", "failures", "errors", "skipped"):
-                out[key] = int(suite.get(key, 0))
-            out["failed"] = [f"{c.get('classname')}::{c.get('name')}" for c in suite.iter("testcase")
-                             if c.find("failure") is not None or c.find("error") is not None]
+        if path.exists():
+            out.update(read(path))
         if rc not in (0, 5):
             out["output_tail"] = tail
     return out
+
+
+def _junit_counts(path: Path) -> dict[str, Any]:
+    suite = ET.parse(path).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    assert suite is not None
+    out: dict[str, Any] = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
+    out["failed"] = [f"{c.get('classname')}::{c.get('name')}" for c in suite.iter("testcase")
+                     if c.find("failure") is not None or c.find("error") is not None]
+    return out
+
+
+def _benchmark_medians(path: Path) -> dict[str, Any]:
+    data = json.loads(path.read_text())
+    return {"median_seconds": {b["fullname"]: b["stats"]["median"] for b in data.get("benchmarks", [])}}
+
+
+def cuda_tests(timeout: float) -> dict[str, Any]:
+    return _pytest_part(["tests", "-m", "cuda"], "--junitxml={}", timeout, _junit_counts)
 
 
 def kernel_benchmarks(timeout: float) -> dict[str, Any]:
-    if not _cuda():
-        return {"skipped": "no CUDA device: torch.cuda.is_available() is False"}
-    with tempfile.TemporaryDirectory() as d:
-        js = Path(d) / "bench.json"
-        rc, tail = _pytest(["benchmarks", "-m", "cuda", f"--benchmark-json={js}"], timeout)
-        out: dict[str, Any] = {"returncode": rc}
-        if js.exists():
-            data = json.loads(js.read_text())
-            out["median_seconds"] = {b["fullname"]: b["stats"]["median"] for b in data.get("benchmarks", [])}
-        if rc not in (0, 5):
-            out["output_tail"] = tail
-    return out
+    return _pytest_part(["benchmarks", "-m", "cuda"], "--benchmark-json={}", timeout, _benchmark_medians)
 
 
 def _timed(fn: Any, repeats: int) -> float:
