@@ -284,6 +284,35 @@ class _TaylorCapture:
         return mean if self.g.kind == "channel" else mean.abs()
 
 
+def gradient_pass(model: nn.Module, handles: Sequence[Any], batches: Iterable[Any],
+                  loss_fn: Callable[[nn.Module, Any], Tensor], rows: _Rows, *, desc: str, progress: bool,
+                  before_batch: Callable[[], None] | None = None, full: Callable[[], bool] | None = None) -> None:
+    """``hooked_pass`` with gradients: for each batch ``rows.keep`` is set, ``before_batch()`` runs, then
+    ``loss_fn(model, batch)`` (checked to be a scalar tensor) and its backward; stops once ``full()`` is true.
+    Eval mode (dropout off); afterwards (also on error) every handle is removed, parameter gradients are
+    cleared and the training flag restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            for batch in _bar(batches, progress, desc):
+                rows.keep = _token_mask(batch)
+                if before_batch is not None:
+                    before_batch()
+                loss = loss_fn(model, batch)
+                if not isinstance(loss, Tensor) or loss.numel() != 1:
+                    raise TypeError(f"loss_fn: expected a scalar tensor, got {type(loss).__name__} "
+                                    f"{tuple(getattr(loss, 'shape', ()))}")
+                loss.backward()
+                if full is not None and full():
+                    break
+    finally:
+        for h in handles:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+
+
 def capture_taylor(model: nn.Module, groups: Sequence[UnitGroup], batches: Iterable[Any],
                    loss_fn: Callable[[nn.Module, Any], Tensor], *, max_samples: int | None = None,
                    progress: bool = True) -> dict[str, Tensor]:
@@ -297,25 +326,9 @@ def capture_taylor(model: nn.Module, groups: Sequence[UnitGroup], batches: Itera
         raise TypeError(f"loss_fn: expected a callable (model, batch) -> scalar loss, got {type(loss_fn).__name__}")
     rows = _Rows(None, 0)
     caps = [_TaylorCapture(g, rows) for g in groups]
-    handles = [c.g.consumer.register_forward_pre_hook(c.pre) for c in caps]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad():
-            for batch in _bar(batches, progress, "taylor"):
-                rows.keep = _token_mask(batch)
-                loss = loss_fn(model, batch)
-                if not isinstance(loss, Tensor) or loss.numel() != 1:
-                    raise TypeError(f"loss_fn: expected a scalar tensor, got {type(loss).__name__} "
-                                    f"{tuple(getattr(loss, 'shape', ()))}")
-                loss.backward()
-                if max_samples is not None and all(c.count >= max_samples for c in caps):
-                    break
-    finally:
-        for h in handles:
-            h.remove()
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
+    gradient_pass(model, [c.g.consumer.register_forward_pre_hook(c.pre) for c in caps], batches, loss_fn, rows,
+                  desc="taylor", progress=progress,
+                  full=lambda: max_samples is not None and all(c.count >= max_samples for c in caps))
     return {c.g.name: c.result() for c in caps}
 
 
@@ -547,23 +560,11 @@ def capture_stream_taylor(model: nn.Module, streams: Sequence[StreamGroup], batc
         raise TypeError(f"loss_fn: expected a callable (model, batch) -> scalar loss, got {type(loss_fn).__name__}")
     rows = _Rows(None, 0)
     caps = [_StreamTaylor(s, rows) for s in streams]
-    handles = [m.register_forward_pre_hook(c.pre) for c in caps for m in c.s.readers]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad():
-            for batch in _bar(batches, progress, "taylor streams"):
-                rows.keep = _token_mask(batch)
-                for c in caps:
-                    c.counted = False
-                loss = loss_fn(model, batch)
-                if not isinstance(loss, Tensor) or loss.numel() != 1:
-                    raise TypeError(f"loss_fn: expected a scalar tensor, got {type(loss).__name__} "
-                                    f"{tuple(getattr(loss, 'shape', ()))}")
-                loss.backward()
-    finally:
-        for h in handles:
-            h.remove()
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
+
+    def uncount() -> None:
+        for c in caps:
+            c.counted = False
+
+    gradient_pass(model, [m.register_forward_pre_hook(c.pre) for c in caps for m in c.s.readers], batches,
+                  loss_fn, rows, desc="taylor streams", progress=progress, before_batch=uncount)
     return {c.s.name: c.result() for c in caps}

@@ -40,24 +40,21 @@ def _fraction(name: str) -> Any:
     return parse
 
 
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s}")
-    return v
+def _int_at_least(low: int) -> Any:
+    """An argparse type: an int >= ``low``, else a one-line error naming what was expected and what came."""
+    what = "a non-negative integer" if low == 0 else f"an integer >= {low}"
 
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s}")
+        return v
 
-def _at_least_one(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s}")
-    return v
+    return parse
+
 
 
 def _scorer_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -235,8 +232,8 @@ def _add_common(p: argparse.ArgumentParser, *, need_out: bool) -> None:
     p.add_argument("--out", required=need_out, default=None, help="run directory")
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=None, help="unit kinds to prune (default: the "
                    "task's)")
-    p.add_argument("--seed", type=_positive_int, default=0)
-    p.add_argument("--k", type=_positive_int, default=None, help="spectral: neighbours per unit (default 10)")
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
+    p.add_argument("--k", type=_int_at_least(0), default=None, help="spectral: neighbours per unit (default 10)")
     p.add_argument("--num-eigs", default=None, help="spectral: eigenpairs s (default 32) or 'full'")
     p.add_argument("--direction", choices=("fwd", "rev", "sym"), default=None)
     p.add_argument("--preprocess", choices=("zscore", "center", "raw"), default=None)
@@ -256,7 +253,7 @@ def _add_prune_opts(p: argparse.ArgumentParser, *, demo: bool) -> None:
                    help="every layer keeps the same number of FFN neurons and of query / KV heads, so a pruned "
                    "Hugging Face model saves with a standard config.json (default: on for Hugging Face models "
                    "with --allocation uniform, off for plain models)")
-    p.add_argument("--round-to", type=_at_least_one, default=8,
+    p.add_argument("--round-to", type=_int_at_least(1), default=8,
                    help="with uniform widths, neuron / FFN widths are multiples of this (default 8)")
     p.add_argument("--one-per-neighbourhood", action="store_true",
                    help="at most one unit per input-graph kNN neighbourhood per round")
@@ -264,8 +261,8 @@ def _add_prune_opts(p: argparse.ArgumentParser, *, demo: bool) -> None:
                    help="EPR denominator: all parameters, or the prunable modules only (default: the task's)")
     p.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default=None, help="fine-tune optimiser")
     p.add_argument("--lr", type=float, default=None, help="fine-tune learning rate")
-    p.add_argument("--epochs", type=_positive_int, default=None, help="fine-tune epochs (0 = none)")
-    p.add_argument("--steps", type=_at_least_one, default=None, help="cap on fine-tune optimiser steps")
+    p.add_argument("--epochs", type=_int_at_least(0), default=None, help="fine-tune epochs (0 = none)")
+    p.add_argument("--steps", type=_int_at_least(1), default=None, help="cap on fine-tune optimiser steps")
     p.add_argument("--no-track-metric", action="store_true", help="skip the metric after every round")
     p.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=None,
                    help="re-estimate BatchNorm running statistics on the calibration batches after every round "
@@ -291,7 +288,7 @@ def _add_demo(sub: Any) -> None:
     d.add_argument("--compare", nargs="*", default=["hybrid_rank", "random"], metavar="SCORER",
                    help="other scorers run with the same recipe for comparison (default: hybrid_rank random; "
                    "none: --compare with no names)")
-    d.add_argument("--seed", type=_positive_int, default=0)
+    d.add_argument("--seed", type=_int_at_least(0), default=0)
     _add_prune_opts(d, demo=True)
     _add_output_opts(d)
 
