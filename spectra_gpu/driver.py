@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import accounting
+from . import accounting, faults
 from . import units as _units
 from ._progress import Bar
 from .config import EPR_BASES, HEAD_K, KINDS, PruneConfig, TargetUnreachableError
@@ -265,6 +265,7 @@ class _Run:
                 st.rounds.append(rec)
                 st.seconds_prior = before + time.perf_counter() - t0
                 self._save()
+                faults.point("round")
                 self._event("round_end", **rec.to_dict())
                 bar.update()
                 if not stopped:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import faults
 from ._progress import progress
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -244,6 +245,7 @@ def finetune(model: torch.nn.Module, batches: Callable[[int], Iterable[Any]],
             opt.step()
             sched.step()
             step += 1
+            faults.point("finetune")
             tot += float(loss.detach())
             cnt += 1
         model.eval()

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import accounting, surgery
+from . import accounting, faults, surgery
 from ._progress import enabled as _progress_on
 from ._progress import progress
 from .capture import capture, capture_taylor, default_forward
@@ -201,6 +201,7 @@ def score_groups(groups: Sequence[UnitGroup], signals: Signals, cfg: PruneConfig
                            scorer_options(cfg, g.kind))
         outs[g.name] = run_scorer(cfg.scorer, ctx)
         per[g.name] = time.perf_counter() - t
+        faults.point("score")
     return outs, per
 
 
@@ -212,6 +213,7 @@ def capture_and_score(model: nn.Module, groups: Sequence[UnitGroup], calib: Sequ
     t = time.perf_counter()
     signals = capture_signals(model, groups, calib, cfg, forward=forward, loss_fn=loss_fn)
     t_cap = time.perf_counter() - t
+    faults.point("capture")
     t = time.perf_counter()
     outs, per = score_groups(groups, signals, cfg, round_index=round_index, desc=desc)
     return GroupScores(outs, t_cap, time.perf_counter() - t, per)

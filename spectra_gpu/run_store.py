@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import accounting
+from . import accounting, faults
 from . import io as _io
 from .report import atomic_replace, load_report, write_report
 from .rounds import Baseline, RoundRecord
@@ -256,6 +256,7 @@ class RunStore:
         one-line loader hint of ``io.loader_hint`` (naming the folder DIR/model)."""
         if save_model and not (only_missing and self.model_dir.is_dir()):
             _io.save_pruned(model, self.model_dir, tokenizer=tokenizer)
+            faults.point("write_model")
         if save_model and self.model_dir.is_dir():  # the hint names DIR/model, so the report is path-independent
             hint = _io.loader_hint(self.model_dir).replace(str(self.model_dir), "DIR/model")
             report["saved_model"] = {"path": self.model_dir.name, "standard": _io.is_standard(self.model_dir),
