@@ -33,8 +33,8 @@ from .rounds import Baseline, RoundRecord
 CHECKPOINT = "checkpoint.safetensors"
 LEGACY_CHECKPOINT = "checkpoint.pt"  # pickled checkpoints of earlier versions: never loaded
 FORMAT = "spectra-run-checkpoint"
-FORMAT_VERSION = 2
-PHASES = ("prune", "finetune", "done")
+FORMAT_VERSION = 3  # 3: the compensate phase and its fields
+PHASES = ("prune", "compensate", "finetune", "done")
 
 
 @dataclass
@@ -44,8 +44,10 @@ class RunState:
     config: ``PruneConfig.to_dict()`` of the run. widths_before / kinds_by_group / min_keep: per group of the
     unpruned model. params_before / params_prunable_before: the EPR denominators. uniform_classes / round_to:
     the uniform-width classes and width multiple of the run (``rounds.Baseline``; empty / 1: free widths).
-    phase: 'prune' (rounds to go), 'finetune' (rounds done), 'done' (``report`` set). rounds: one record per
-    completed round. finetune_state: the fine-tune's resume point ({epoch, step, optimizer, scheduler,
+    phase: 'prune' (rounds to go), 'compensate' (rounds done, consumers not yet refit), 'finetune' (pruning and
+    compensation done), 'done' (``report`` set). rounds: one record per completed round. compensation: per
+    group, the refit's ``Refit.summary()`` (empty: not compensated); metric_after_compensation: the metric
+    after it. finetune_state: the fine-tune's resume point ({epoch, step, optimizer, scheduler,
     history}) while it runs.
     """
 
@@ -69,6 +71,8 @@ class RunState:
     eigenvalues: dict[str, list[float]] = field(default_factory=dict)
     params_after: int | None = None
     metric_after_prune: float | None = None
+    compensation: dict[str, Any] = field(default_factory=dict)
+    metric_after_compensation: float | None = None
     finetune_state: dict[str, Any] | None = None
     finetune_history: list[dict[str, Any]] = field(default_factory=list)
     metric_after_finetune: float | None = None
