@@ -3,13 +3,16 @@
 Each subcommand is one ``_<name>(args) -> exit code`` function and one ``_add_<name>(subparsers)`` parser
 builder, listed once in ``COMMANDS``; adding a subcommand is adding one entry there.
 
-User errors (unknown model/data/scorer, a target outside (0, 1), an unwritable output directory, a missing
-optional package) print one line on stderr and exit with code 2; SPECTRA_GPU_DEBUG=1 shows the traceback.
+Bad input (unknown model/data/scorer, a target outside (0, 1), an unwritable output directory, a missing
+optional package, a damaged run directory: whatever spectra_gpu refuses on purpose, and OS errors) prints one
+line on stderr and exits with code 2; anything else is an internal error: exit 1, one line saying so, the
+traceback in DIR/error.log (``main``). ``spectra <command> --debug`` or SPECTRA_GPU_DEBUG=1 shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import linecache
 import os
 import sys
 import tempfile
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 EXIT_USAGE = 2
+EXIT_INTERNAL = 1
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,6 +59,41 @@ def _int_at_least(low: int) -> Any:
 
     return parse
 
+
+
+def _positive(name: str) -> Any:
+    """An argparse type: a number > 0."""
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: expected a number > 0, got {s!r}") from None
+        if not v > 0:
+            raise argparse.ArgumentTypeError(f"{name}: expected a number > 0, got {s}")
+        return v
+
+    return parse
+
+
+def _unit_interval(name: str) -> Any:
+    """An argparse type: a number in [0, 1]."""
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: expected a number in [0, 1], got {s!r}") from None
+        if not 0 <= v <= 1:
+            raise argparse.ArgumentTypeError(f"{name}: expected a number in [0, 1], got {s}")
+        return v
+
+    return parse
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 without it)."""
+    from .distributed import world
+
+    return world()[0]
 
 
 def _scorer_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -95,7 +134,8 @@ def _run_prune(args: argparse.Namespace, *, quiet: bool = False) -> dict[str, An
     task = load_task(args.model, args.data, seed=args.seed)
     ft = task.finetune
     over = {k: v for k, v in (("optimizer", args.optimizer), ("lr", args.lr), ("epochs", args.epochs),
-                              ("steps", args.steps)) if v is not None}
+                              ("steps", args.steps), ("loss", args.recovery), ("temperature", args.kd_temperature),
+                              ("kd_alpha", args.kd_alpha)) if v is not None}
     if over:
         ft = FinetuneConfig(**{**ft.to_dict(), **over})
     cfg = PruneConfig(target=args.target, scorer=args.scorer, kinds=tuple(args.kinds or task.kinds),
@@ -104,8 +144,10 @@ def _run_prune(args: argparse.Namespace, *, quiet: bool = False) -> dict[str, An
                       one_per_neighbourhood=args.one_per_neighbourhood, epr_basis=args.epr_basis or task.epr_basis,
                       scorer_options=_scorer_options(args), seed=args.seed, track_metric=not args.no_track_metric,
                       recalibrate_bn=task.recalibrate_bn if args.recalibrate_bn is None else args.recalibrate_bn,
-                      finetune=ft)
-    if not quiet and not getattr(args, "quiet", False):
+                      finetune=ft, sequential=args.sequential, hidden_store=args.hidden_store,
+                      compensate=args.compensate,
+                      **({} if args.compensate_damping is None else {"compensate_damping": args.compensate_damping}))
+    if not quiet and not getattr(args, "quiet", False) and _rank() == 0:
         print(f"{task.model_name} on {task.data_name}: {task.info}", file=sys.stderr)
     res = prune(task.model, task.calib, cfg, out_dir=args.out, resume=args.resume,
                 keep_checkpoints=args.keep_checkpoints, loss_fn=task.loss_fn,
@@ -115,7 +157,7 @@ def _run_prune(args: argparse.Namespace, *, quiet: bool = False) -> dict[str, An
                       "higher_is_better": task.higher_is_better, "flops_input": task.flops_input,
                       "seconds_setup": task.seconds_setup, "command": getattr(args, "command_line", None)})
     rep = res.report
-    if not quiet:
+    if not quiet and _rank() == 0:
         _print_summary(rep, time.perf_counter() - t0, args.out)
     return rep
 
@@ -130,7 +172,8 @@ def _print_summary(r: dict[str, Any], seconds: float, out: str | None) -> None:
           f"{r['epr_basis']} basis, target {r['target']}; total {r['epr_total']:.4f})")
     if r.get("uniform_widths"):
         print(f"  widths: uniform across layers ({r['epr_statement']})")
-    print(f"  {m}: before {f(r['metric_before'])} | after pruning {f(r['metric_after_prune'])} | "
+    comp = (f" | after compensation {f(r['metric_after_compensation'])}" if r.get("compensation") else "")
+    print(f"  {m}: before {f(r['metric_before'])} | after pruning {f(r['metric_after_prune'])}{comp} | "
           f"after fine-tune {f(r['metric_after_finetune'])}")
     print(f"  time: scoring {r['seconds_scoring']:.1f} s, pruning run {r['seconds_total']:.1f} s, "
           f"all (incl. model/data setup) {seconds:.1f} s")
@@ -155,8 +198,9 @@ def _demo(args: argparse.Namespace) -> int:
     args.data, args.resume, args.keep_checkpoints, args.kinds = None, False, False, None
     args.optimizer = args.lr = args.epochs = args.steps = None
     args.allocation, args.epr_basis, args.one_per_neighbourhood, args.no_track_metric = "uniform", None, False, False
-    args.recalibrate_bn = args.uniform_widths = None
-    args.round_to = 8
+    args.recalibrate_bn = args.uniform_widths = args.sequential = args.compensate = None
+    args.recovery = args.kd_temperature = args.kd_alpha = None
+    args.round_to, args.hidden_store, args.compensate_damping = 8, "cpu", None
     args.k = args.num_eigs = args.direction = args.preprocess = None
     note = (lambda *a, **k: None) if args.quiet else print
     note(f"spectra demo: train (or load) {args.model}, prune {args.target:.0%} of its parameters with the "
@@ -191,16 +235,19 @@ def _score(args: argparse.Namespace) -> int:
     from .scorers import get_scorer
 
     get_scorer(args.scorer)
-    _check_out(args.out)
-    prepare_run_dir(Path(args.out), resume=False)
+    writer = _rank() == 0  # under torchrun only rank 0 writes
+    if writer:
+        _check_out(args.out)
+        prepare_run_dir(Path(args.out), resume=False)
     task = load_task(args.model, args.data, seed=args.seed)
     outs, summary = score_model(task.model, task.calib, scorer=args.scorer, kinds=args.kinds or task.kinds,
                                 options=_scorer_options(args), loss_fn=task.loss_fn, forward=task.forward,
-                                seed=args.seed)
-    write_scores(args.out, outs, summary, {"model": task.model_name, "data": task.data_name, "scorer": args.scorer,
-                                           "data_info": task.info})
-    print(f"{task.model_name} ({task.data_name}): scored {len(outs)} groups with {args.scorer} in "
-          f"{summary['seconds_scoring']:.1f} s -> {Path(args.out) / 'scores'}")
+                                seed=args.seed, sequential=args.sequential, hidden_store=args.hidden_store)
+    if writer:
+        write_scores(args.out, outs, summary, {"model": task.model_name, "data": task.data_name,
+                                               "scorer": args.scorer, "data_info": task.info})
+        print(f"{task.model_name} ({task.data_name}): scored {len(outs)} groups with {args.scorer} in "
+              f"{summary['seconds_scoring']:.1f} s -> {Path(args.out) / 'scores'}")
     return 0
 
 
@@ -237,9 +284,17 @@ def _add_common(p: argparse.ArgumentParser, *, need_out: bool) -> None:
     p.add_argument("--num-eigs", default=None, help="spectral: eigenpairs s (default 32) or 'full'")
     p.add_argument("--direction", choices=("fwd", "rev", "sym"), default=None)
     p.add_argument("--preprocess", choices=("zscore", "center", "raw"), default=None)
+    p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
+                   help="capture and score one transformer block at a time, holding one block's statistics "
+                   "(default: on for Hugging Face transformer models with a scorer that needs no gradients)")
+    p.add_argument("--hidden-store", choices=("device", "cpu", "disk"), default="cpu",
+                   help="layer-sequential: where the calibration hidden states are kept (default cpu; disk: "
+                   "memory-mapped files in the temporary folder)")
 
 
 def _add_prune_opts(p: argparse.ArgumentParser, *, demo: bool) -> None:
+    from .compensate import DAMPING
+
     p.add_argument("--target", type=_fraction("target"), default=0.5,
                    help="effective parameter reduction to reach, in (0, 1)")
     p.add_argument("--round-fraction", type=_fraction("round-fraction"), default=0.05,
@@ -264,6 +319,18 @@ def _add_prune_opts(p: argparse.ArgumentParser, *, demo: bool) -> None:
     p.add_argument("--epochs", type=_int_at_least(0), default=None, help="fine-tune epochs (0 = none)")
     p.add_argument("--steps", type=_int_at_least(1), default=None, help="cap on fine-tune optimiser steps")
     p.add_argument("--no-track-metric", action="store_true", help="skip the metric after every round")
+    p.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=None,
+                   help="after the last round refit each pruned group's consumer by damped least squares to the "
+                   "dense model's outputs on the calibration data (default: on for Hugging Face transformer models)")
+    p.add_argument("--compensate-damping", type=_positive("compensate-damping"), default=None,
+                   help=f"compensation ridge as a share of the mean Gram diagonal (default {DAMPING})")
+    p.add_argument("--recovery", choices=("ce", "kd"), default=None,
+                   help="fine-tune loss: ce (the task loss) or kd (distillation from the dense model; default: the "
+                   "task's, ce)")
+    p.add_argument("--kd-temperature", type=_positive("kd-temperature"), default=None,
+                   help="distillation temperature (default 1)")
+    p.add_argument("--kd-alpha", type=_unit_interval("kd-alpha"), default=None,
+                   help="weight of the distillation term; 1 - it goes to the task loss (default 1)")
     p.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=None,
                    help="re-estimate BatchNorm running statistics on the calibration batches after every round "
                    "(no parameter update; default: the task's, on for mnist-cnn)")
@@ -343,30 +410,84 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     for add, _ in COMMANDS.values():
         add(sub)
+    for cmd in sub.choices.values():
+        cmd.add_argument("--debug", action="store_true", help="show the traceback of an error on stderr")
     return p
 
 
+def deliberate(e: BaseException) -> bool:
+    """Whether ``e`` was raised on purpose by spectra_gpu (a ``raise`` statement in the package: bad input
+    named as such), as opposed to an error inside a dependency or a failing expression of the package (a bug,
+    or a model it does not handle)."""
+    tb = e.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    if str(tb.tb_frame.f_globals.get("__name__", "")).split(".")[0] != "spectra_gpu":
+        return False
+    return linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno).lstrip().startswith("raise")
+
+
+def _error_log(out: str | None, cmd: str) -> Path:
+    """Where an internal error's traceback goes: DIR/error.log when the command has a writable run directory,
+    else a new file in the temporary folder."""
+    if out is not None and Path(out).is_dir() and os.access(out, os.W_OK):
+        return Path(out) / "error.log"
+    fd, name = tempfile.mkstemp(prefix=f"spectra-{cmd}-", suffix=".log")
+    os.close(fd)
+    return Path(name)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; exit codes: 0 done, 2 bad input (one line naming what was expected and what came), 1
+    internal error (one line saying so; the traceback in DIR/error.log, on stderr with --debug or
+    SPECTRA_GPU_DEBUG=1), 130 interrupted (the last checkpoint stays: --resume continues)."""
     import shlex
+    import traceback
 
     from ._progress import forced
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["spectra", *argv])
+    debug = bool(getattr(args, "debug", False)) or os.environ.get("SPECTRA_GPU_DEBUG") == "1"
     bars = True if getattr(args, "progress", False) else False if getattr(args, "quiet", False) else None
+    out = getattr(args, "out", None)
+    parallel = False
     try:
+        if args.cmd in ("prune", "score"):
+            from .distributed import init_from_env
+
+            parallel = init_from_env()
         with forced(bars):
             return int(COMMANDS[args.cmd][1](args))
-    except (ValueError, TypeError, OSError, ImportError) as e:
-        if os.environ.get("SPECTRA_GPU_DEBUG") == "1":
-            raise
-        msg = " ".join(str(e).split()) or type(e).__name__
-        print(f"spectra {args.cmd}: error: {msg}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"spectra {args.cmd}: interrupted", file=sys.stderr)
+        where = f"; `--resume` continues from the last checkpoint in {out}" if args.cmd == "prune" and out else ""
+        print(f"spectra {args.cmd}: interrupted{where}", file=sys.stderr)
         return 130
+    except Exception as e:
+        if debug:
+            traceback.print_exc()
+        usage = isinstance(e, OSError) or (isinstance(e, (ValueError, TypeError, ImportError)) and deliberate(e))
+        if usage:
+            print(f"spectra {args.cmd}: error: {_one_line(e)}", file=sys.stderr)
+            return EXIT_USAGE
+        log = _error_log(out, args.cmd)
+        log.write_text(f"{args.command_line}\n\n{traceback.format_exc()}")
+        print(f"spectra {args.cmd}: internal error: {type(e).__name__}: {_one_line(e)[:300]} -- a bug in spectra_gpu "
+              f"or a model it does not handle; the traceback is in {log} (please include it in a report; "
+              "--debug shows it here)", file=sys.stderr)
+        return EXIT_INTERNAL
+    finally:
+        if parallel:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

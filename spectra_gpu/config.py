@@ -8,9 +8,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import units as _units
+from .compensate import DAMPING
 from .finetune import FinetuneConfig
-from .scorers import get_scorer
+from .scorers import NEEDS_TAYLOR, get_scorer
 from .selection import ALLOCATIONS
+
+HIDDEN_STORES = ("device", "cpu", "disk")
 
 KINDS = _units.KINDS  # neuron (MLP), channel (conv), ffn (transformer FFN neuron), head
 EPR_BASES = ("total", "prunable")
@@ -38,6 +41,16 @@ class PruneConfig:
     transformer layers with the 'uniform' allocation, off otherwise (plain modules, 'global' allocation).
     round_to: with uniform widths, neuron / channel / FFN widths are multiples of it (default 8, GPU-friendly
     shapes); the EPR then lands on the achievable EPR nearest the target, which may sit on either side of it.
+    sequential: capture and score one transformer block at a time (``spectra_gpu.sequential``: the statistics of
+    one block held at once; the same scores as the whole-model capture); None (default) = on for models made of
+    Hugging Face transformer layers with a scorer that needs no gradients, off otherwise; True with a gradient
+    scorer (Taylor) is refused. hidden_store: where the layer-sequential path keeps the calibration hidden
+    states: 'device', 'cpu' (default) or 'disk' (memory-mapped files in the system temporary folder).
+    compensate: after the last round, refit every pruned group's consumer by damped least squares to
+    reproduce the dense model's output on the calibration batches (``spectra_gpu.compensate``; the rounds stay
+    free of parameter updates; needs a copy of the dense model while pruning); None (default) = on for models
+    made of Hugging Face transformer layers, off otherwise. compensate_damping: the ridge, as a share of the
+    mean diagonal of each consumer's input Gram.
     """
 
     target: float = 0.5
@@ -56,6 +69,10 @@ class PruneConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     uniform_widths: bool | None = None
     round_to: int = 8
+    sequential: bool | None = None
+    hidden_store: str = "cpu"
+    compensate: bool | None = None
+    compensate_damping: float = DAMPING
 
     def __post_init__(self) -> None:
         if isinstance(self.target, bool) or not isinstance(self.target, (int, float)) or not 0 < self.target < 1:
@@ -87,6 +104,18 @@ class PruneConfig:
                              "allocation='uniform' with uniform_widths=True, got allocation='global'")
         if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
             raise ValueError(f"round_to: expected an int >= 1, got {self.round_to!r}")
+        for name in ("sequential", "compensate"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, bool):
+                raise TypeError(f"{name}: expected True, False or None, got {v!r}")
+        if self.sequential and self.scorer in NEEDS_TAYLOR:
+            raise ValueError(f"sequential: scorer {self.scorer!r} needs gradients of the model's loss, which cannot "
+                             "be captured one block at a time; expected sequential=False or None with it, got True")
+        if self.hidden_store not in HIDDEN_STORES:
+            raise ValueError(f"hidden_store: expected one of {HIDDEN_STORES}, got {self.hidden_store!r}")
+        d = self.compensate_damping
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not d > 0:
+            raise ValueError(f"compensate_damping: expected a number > 0, got {d!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -100,6 +129,20 @@ class PruneConfig:
         if self.uniform_widths is not None:
             return self.uniform_widths
         return self.allocation == "uniform" and any(a != "plain" for a in archs)
+
+    def sequential_for(self, archs: Iterable[str]) -> bool:
+        """Whether a run on groups of these ``arch`` values captures layer-sequentially: ``sequential`` if set,
+        else True for Hugging Face transformer layers with a scorer that needs no gradients."""
+        if self.sequential is not None:
+            return self.sequential
+        return self.scorer not in NEEDS_TAYLOR and any(a != "plain" for a in archs)
+
+    def compensate_for(self, archs: Iterable[str]) -> bool:
+        """Whether a run on groups of these ``arch`` values compensates after pruning: ``compensate`` if set,
+        else True for Hugging Face transformer layers."""
+        if self.compensate is not None:
+            return self.compensate
+        return any(a != "plain" for a in archs)
 
     @property
     def k(self) -> int:

@@ -3,17 +3,23 @@
 
 The phases of :func:`prune`: start (discover the groups, fix the baseline: original widths, min-keep, EPR
 denominators; fail fast if the target is out of reach; metric before), rounds (``rounds.prune_round`` until
-the EPR reaches the target; the groups are re-discovered once after each round's removals), one recovery
-fine-tune (``finetune.finetune``), report. The run state is a typed :class:`~spectra_gpu.run_store.RunState`;
+the EPR reaches the target; the groups are re-discovered once after each round's removals; the capture is
+layer-sequential and / or spread over the ranks of ``torchrun`` where the config says so, ``capture_step``),
+compensation (``compensate``: the consumers of pruned groups refit on the dense model's calibration outputs,
+where ``PruneConfig.compensate_for`` says so), one recovery fine-tune (``finetune.finetune``; distillation
+from the dense model with ``loss="kd"``), report. The run state is a typed :class:`~spectra_gpu.run_store.RunState`;
 with ``out_dir`` it is checkpointed after the start, after every round and every fine-tune epoch
 (``run_store.RunStore``), so a run killed at any point resumes from its last completed round or epoch and
-ends with the same report (seeded scorers, deterministic data order; only the timings differ).
+ends with the same report (seeded scorers, deterministic data order; only the timings differ). Under
+``torchrun`` every rank runs the same run and takes the same decisions; only rank 0 writes files.
 
 Per-round records in the report: see ``rounds.RoundRecord``.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -25,16 +31,20 @@ import torch
 from torch import nn
 
 from . import accounting, faults
+from . import sequential as _sequential
 from . import units as _units
 from ._progress import Bar
+from ._progress import enabled as _progress_on
+from .compensate import apply_refits, compensation, dense_removals
 from .config import EPR_BASES, HEAD_K, KINDS, PruneConfig, TargetUnreachableError
+from .distributed import capture_and_score_distributed, world
 from .finetune import finetune
 from .report import epr_statement, provenance, score_summary, torch_save, write_json
 from .rounds import (
     Baseline,
+    CaptureStep,
     RoundRecord,
     apply_removals,
-    capture_and_score,
     head_counts,
     min_keep,
     params_at_floor,
@@ -70,6 +80,19 @@ def discover(model: nn.Module, cfg: PruneConfig, groups_fn: GroupsFn | None = No
     return gs
 
 
+def capture_step_for(model: nn.Module, groups: Sequence[UnitGroup], cfg: PruneConfig) -> tuple[CaptureStep, bool]:
+    """(round step 1 with ``rounds.capture_and_score``'s contract, whether it is layer-sequential) for a run of
+    ``cfg`` on ``groups``: layer-sequential where ``PruneConfig.sequential_for`` says so (when left to the
+    default, only where the model has a block stack holding every group: ``sequential.supports``), and spread
+    over the ranks of the default process group when there are several (``distributed``)."""
+    seq = cfg.sequential_for(g.arch for g in groups)
+    if seq and cfg.sequential is None:
+        seq = _sequential.supports(model, groups)
+    if seq:
+        return functools.partial(capture_and_score_distributed, sequential=True, hidden_store=cfg.hidden_store), True
+    return capture_and_score_distributed, False
+
+
 def _json_form(obj: Any) -> Any:
     """``obj`` as it reads back from JSON (tuples become lists), to compare configurations."""
     return json.loads(json.dumps(obj, default=str))
@@ -101,10 +124,17 @@ class _Run:
         self.forward = forward
         self.meta = dict(meta or {})
         self.plots, self.save_model, self.tokenizer = plots, save_model, tokenizer
+        rank, size = world()
+        if resume and size > 1:
+            raise ValueError(f"resume: expected one process (resume a run without torchrun), got {size} ranks")
         self.store = (RunStore(out_dir, resume=resume, keep_checkpoints=keep_checkpoints)
-                      if out_dir is not None else None)
+                      if out_dir is not None and rank == 0 else None)  # under torchrun only rank 0 writes
         self.state: RunState | None = None
         self.groups: list[UnitGroup] = []
+        self.dense: nn.Module | None = None  # a copy of the unpruned model, for compensation and distillation
+        # round step 1 and whether it is layer-sequential, chosen with the groups (``_choose_capture``)
+        self.capture_step: CaptureStep = capture_and_score_distributed
+        self.sequential = False
         self.finished: dict[str, Any] | None = None  # the stored report of a finished run being resumed
         self.resumed = False  # continued from a checkpoint
         if self.store is not None and resume:
@@ -117,13 +147,15 @@ class _Run:
             raise ValueError(f"resume: the run in {where} used a different "
                              f"configuration ({stored}); start a new run directory or pass the same options")
 
-    def _replay(self, widths_before: dict[str, int], rounds: Sequence[dict[str, Any] | RoundRecord]) -> None:
+    def _replay(self, widths_before: dict[str, int], rounds: Sequence[dict[str, Any] | RoundRecord],
+                phase: str) -> None:
         """Rebuild the run's structure on the freshly constructed model: re-apply each round's removals."""
         self.groups = self._discover()
         got = {g.name: int(g.size) for g in self.groups}
         if got != widths_before:
             raise ValueError(f"resume: expected the model as constructed before pruning (group widths "
                              f"{widths_before}), got {got}")
+        self._keep_dense(phase)
         for rec in rounds:
             r = rec.to_dict() if isinstance(rec, RoundRecord) else rec
             apply_removals(self.model, self.groups, r["removed_units"])
@@ -134,7 +166,7 @@ class _Run:
         ck = self.store.load_checkpoint()
         if ck is not None:
             self._check_config(ck.state.config)
-            self._replay(ck.state.widths_before, ck.state.rounds)
+            self._replay(ck.state.widths_before, ck.state.rounds, ck.state.phase)
             load_model_state(self.model, ck.model_state)
             self.state = ck.state
             self.resumed = True
@@ -146,7 +178,7 @@ class _Run:
             raise ValueError(f"resume: {self.store.out} holds a `spectra score` run, not a pruning run; choose "
                              "another directory")
         self._check_config(rep.get("config"))
-        self._replay(rep["widths_before"], rep["rounds"])
+        self._replay(rep["widths_before"], rep["rounds"], "done")
         if self.store.model_dir.is_dir():
             from .io import load_pruned
 
@@ -159,6 +191,26 @@ class _Run:
     # -- helpers --
     def _discover(self) -> list[UnitGroup]:
         return discover(self.model, self.cfg, self.groups_fn)
+
+    def _archs(self) -> list[str]:
+        return [g.arch for g in self.groups]
+
+    def _compensates(self) -> bool:
+        return self.cfg.compensate_for(self._archs())
+
+    def _keep_dense(self, phase: str) -> None:
+        """Choose the capture, and copy the model (still unpruned, ``self.groups`` discovered on it) when the
+        phases from ``phase`` on need the dense model: compensation, distillation."""
+        self._choose_capture()
+        needed = ((phase in ("prune", "compensate") and self._compensates())
+                  or (phase != "done" and self.cfg.finetune.loss == "kd"))
+        if self.dense is None and needed:
+            self.dense = copy.deepcopy(self.model).eval()
+            for p in self.dense.parameters():
+                p.requires_grad_(False)
+
+    def _choose_capture(self) -> None:
+        self.capture_step, self.sequential = capture_step_for(self.model, self.groups, self.cfg)
 
     def _save(self) -> None:
         if self.store is not None and self.state is not None:
@@ -204,6 +256,8 @@ class _Run:
         try:
             if st.phase == "prune":
                 self._prune_rounds(st, t0, before)
+            if st.phase == "compensate":
+                self._compensate(st, t0, before)
             if st.phase == "finetune":
                 self._finetune(st, t0, before)
         finally:
@@ -220,6 +274,7 @@ class _Run:
         self.groups = self._discover()
         if not self.groups:
             raise ValueError(f"model: found no prunable groups of kinds {cfg.kinds}")
+        self._keep_dense("prune")
         base = Baseline.of(self.model, self.groups, cfg)
         floor = params_at_floor(self.model, self.groups, base.min_keep)
         if floor > base.epr.budget(cfg.target):
@@ -248,7 +303,7 @@ class _Run:
                     break
                 self._event("round_start", round=rnd + 1, params=p_now)
                 rec = prune_round(self.model, self.groups, cfg, calib=self.calib, baseline=base, round_index=rnd,
-                                  forward=self.forward, loss_fn=self.loss_fn)
+                                  forward=self.forward, loss_fn=self.loss_fn, capture_step=self.capture_step)
                 if not rec.removed:  # uniform widths: the last round already sits nearest the target
                     break
                 self.groups = self._discover()  # the structure changed: discover once
@@ -280,6 +335,24 @@ class _Run:
             bar.close()
         st.params_after = accounting.count_params(self.model)
         st.metric_after_prune = self._metric()
+        st.phase = "compensate"
+        st.seconds_prior = before + time.perf_counter() - t0
+        self._save()
+
+    def _compensate(self, st: RunState, t0: float, before: float) -> None:
+        """Refit the consumers of every pruned group on the dense model's calibration statistics
+        (``compensate.compensation``; the dense copy holds every unit), then the metric after it."""
+        if self._compensates():
+            assert self.dense is not None  # kept at the start / on resume
+            removed = dense_removals(st.widths_before, [r.removed_units for r in st.rounds])
+            dense_groups = [g for g in discover(self.dense, self.cfg, self.groups_fn) if g.name in removed]
+            refits = compensation(self.dense, dense_groups, removed, self.calib, forward=self.forward,
+                                  damping=self.cfg.compensate_damping, progress=_progress_on())
+            apply_refits(self.groups, refits, removed)
+            st.compensation = {g: rf.summary() for g, rf in refits.items()}
+            st.metric_after_compensation = self._metric()
+        if self.cfg.finetune.loss != "kd":
+            self.dense = None
         st.phase = "finetune"
         st.seconds_prior = before + time.perf_counter() - t0
         self._save()
@@ -295,12 +368,14 @@ class _Run:
 
             assert self.loss_fn is not None  # checked in __init__
             st.finetune_history = finetune(self.model, self.train_batches, self.loss_fn, cfg.finetune,
-                                           seed=cfg.seed, state=st.finetune_state, on_epoch_end=on_epoch)
+                                           seed=cfg.seed, state=st.finetune_state, on_epoch_end=on_epoch,
+                                           teacher=self.dense)
             st.finetune_state = None  # the optimiser state (2x the model for Adam) is not needed any more
             st.metric_after_finetune = self._metric()
         else:
             st.finetune_history = []
             st.metric_after_finetune = None
+        self.dense = None
 
     def _report(self, st: RunState) -> dict[str, Any]:
         cfg = self.cfg
@@ -318,7 +393,9 @@ class _Run:
             "params_prunable_before": st.params_prunable_before,
             "flops_before": st.flops_before, "flops_after": self._flops(),
             "metric_name": self.metric_name, "metric_before": st.metric_before,
-            "metric_after_prune": st.metric_after_prune, "metric_after_finetune": st.metric_after_finetune,
+            "metric_after_prune": st.metric_after_prune,
+            "metric_after_compensation": st.metric_after_compensation, "compensation": st.compensation,
+            "metric_after_finetune": st.metric_after_finetune, "sequential": self.sequential,
             "seconds_scoring": st.seconds_scoring, "seconds_capture": st.seconds_capture,
             "seconds_scorer": st.seconds_scorer, "seconds_total": st.seconds_prior,
             "rounds": [r.to_dict() for r in st.rounds], "widths_before": st.widths_before,
@@ -328,8 +405,8 @@ class _Run:
             "eigenvalues": st.eigenvalues, "calibration_batches": len(self.calib), "config": cfg.to_dict(),
             "uniform_widths": base.uniform, "round_to": base.round_to,
             "epr_statement": epr_statement(cfg.target, epr(pa), cfg.epr_basis, base.uniform, base.round_to),
-            "environment": provenance(device=device, command=self.meta.get("command"),
-                                      resumed=self.resumed),
+            "environment": {**provenance(device=device, command=self.meta.get("command"), resumed=self.resumed),
+                            "ranks": world()[1], **_sequential.peak_memory(torch.device(device))},
         }
 
 
@@ -383,17 +460,21 @@ def prune(model: nn.Module, calib: Sequence[Any], config: PruneConfig | None = N
 def score_model(model: nn.Module, calib: Sequence[Any], *, scorer: str = "spectral",
                 kinds: Sequence[str] = KINDS, options: dict[str, Any] | None = None,
                 loss_fn: LossFn | None = None, groups: GroupsFn | None = None,
-                forward: ForwardFn | None = None, seed: int = 0) -> tuple[dict[str, ScoreOutput], dict[str, Any]]:
-    """Score every group of >= 3 units once, as the first round of a run would (``rounds.capture_and_score``),
-    without removing anything: ({group: ScoreOutput}, {"groups": {group: kind, n, dead, lambda_1, seconds},
-    "seconds_capture", "seconds_scoring"})."""
-    cfg = PruneConfig(scorer=scorer, kinds=tuple(kinds), scorer_options=dict(options or {}), seed=seed)
+                forward: ForwardFn | None = None, seed: int = 0, sequential: bool | None = None,
+                hidden_store: str = "cpu") -> tuple[dict[str, ScoreOutput], dict[str, Any]]:
+    """Score every group of >= 3 units once, as the first round of a run would (its capture step:
+    ``capture_step_for``; ``sequential`` and ``hidden_store`` as in ``PruneConfig``), without removing
+    anything: ({group: ScoreOutput}, {"groups": {group: kind, n, dead, lambda_1, seconds}, "seconds_capture",
+    "seconds_scoring", "sequential", "ranks"}). Under torchrun every rank gets every group's scores."""
+    cfg = PruneConfig(scorer=scorer, kinds=tuple(kinds), scorer_options=dict(options or {}), seed=seed,
+                      sequential=sequential, hidden_store=hidden_store)
     if scorer in NEEDS_TAYLOR and loss_fn is None:
         raise ValueError(f"scorer {scorer!r} needs gradients: pass loss_fn(model, batch) -> loss")
     gs = [g for g in discover(model, cfg, groups) if g.size >= 3]
     if not gs:
         raise ValueError(f"model: found no groups of >= 3 units of kinds {list(cfg.kinds)}")
-    sc = capture_and_score(model, gs, list(calib), cfg, forward=forward, loss_fn=loss_fn, desc=f"scoring ({scorer})")
+    step, seq = capture_step_for(model, gs, cfg)
+    sc = step(model, gs, list(calib), cfg, forward=forward, loss_fn=loss_fn, desc=f"scoring ({scorer})")
     info: dict[str, Any] = {}
     for g in gs:
         o = sc.outputs[g.name]
@@ -402,7 +483,8 @@ def score_model(model: nn.Module, calib: Sequence[Any], *, scorer: str = "spectr
                         "lambda_1": float(ev[0]) if ev is not None and len(ev) else None,
                         "seconds": sc.seconds_per_group[g.name]}
     return sc.outputs, {"groups": info, "seconds_capture": sc.seconds_capture,
-                        "seconds_scoring": sc.seconds_capture + sum(v["seconds"] for v in info.values())}
+                        "seconds_scoring": sc.seconds_capture + sum(v["seconds"] for v in info.values()),
+                        "sequential": seq, "ranks": world()[1]}
 
 
 def write_scores(out_dir: str | Path, outs: dict[str, ScoreOutput], summary: dict[str, Any],

@@ -219,6 +219,10 @@ def capture_and_score(model: nn.Module, groups: Sequence[UnitGroup], calib: Sequ
     return GroupScores(outs, t_cap, time.perf_counter() - t, per)
 
 
+# (model, groups, calib, cfg, *, round_index, forward, loss_fn) -> GroupScores: what capture_and_score does
+CaptureStep = Callable[..., GroupScores]
+
+
 # ---- step 2: select --------------------------------------------------------------------------------------
 def head_counts(widths: dict[str, int], original: dict[str, int], kv: dict[str, int], fraction: float,
                 rnd: int) -> dict[str, int]:
@@ -539,9 +543,10 @@ def scorable(groups: Sequence[UnitGroup], baseline: Baseline) -> list[UnitGroup]
 
 def prune_round(model: nn.Module, groups: Sequence[UnitGroup], cfg: PruneConfig, *, calib: Sequence[Any],
                 baseline: Baseline, round_index: int, forward: ForwardFn | None = None,
-                loss_fn: LossFn | None = None) -> RoundRecord:
+                loss_fn: LossFn | None = None, capture_step: CaptureStep = capture_and_score) -> RoundRecord:
     """Round ``round_index`` (0-based) on ``model``, whose prunable groups are ``groups``: capture and score
-    the scorable groups, select, trim to the target's budget (uniform widths: to the achievable count nearest
+    the scorable groups (``capture_step``, with the signature and result of :func:`capture_and_score`, which
+    is the default; the driver passes the layer-sequential or the distributed step), select, trim to the target's budget (uniform widths: to the achievable count nearest
     the target, which may remove nothing, except in round 0: a run removes something), remove (in place),
     recalibrate BatchNorm if ``cfg.recalibrate_bn``. Raises TargetUnreachableError when no group can lose
     another unit."""
@@ -549,7 +554,7 @@ def prune_round(model: nn.Module, groups: Sequence[UnitGroup], cfg: PruneConfig,
     p_now = accounting.count_params(model)
     budget = epr.budget(cfg.target)
     live = scorable(groups, baseline)
-    sc = capture_and_score(model, live, calib, cfg, round_index=round_index, forward=forward, loss_fn=loss_fn)
+    sc = capture_step(model, live, calib, cfg, round_index=round_index, forward=forward, loss_fn=loss_fn)
     steps = select_steps(live, sc.outputs, cfg, baseline, round_index)
     if not steps:
         raise TargetUnreachableError(f"round {round_index + 1}: no group can lose another unit (min-keep) at EPR "
@@ -571,7 +576,7 @@ def prune_round(model: nn.Module, groups: Sequence[UnitGroup], cfg: PruneConfig,
         trimmed=len(kept) < len(steps), seconds_scorer=sc.seconds_scorer, outputs=outs)
 
 
-__all__ = ["Baseline", "GroupScores", "Removal", "RoundRecord", "Signals", "Step", "apply_removals",
+__all__ = ["Baseline", "CaptureStep", "GroupScores", "Removal", "RoundRecord", "Signals", "Step", "apply_removals",
            "capture_and_score", "capture_signals", "floor_width", "head_counts", "min_keep", "params_at_floor",
            "planned_rounds", "prune_round", "recalibrate_bn", "round_seed", "scorable", "score_groups",
            "scorer_options", "select_removals", "select_steps", "stats_mode", "trim_steps", "trim_to_budget",

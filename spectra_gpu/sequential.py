@@ -45,14 +45,13 @@ from torch import Tensor, nn
 from ._progress import enabled as _progress_on
 from ._progress import progress
 from .capture import capture, default_forward
-from .config import PruneConfig
+from .config import HIDDEN_STORES, PruneConfig
 from .rounds import GroupScores, Signals, score_groups, stats_mode
 from .scorers import NEEDS_TAYLOR, ScoreOutput
 from .stats import SignalStats
 from .units import UnitGroup
 
 ForwardFn = Callable[[nn.Module, Any], Any]
-HIDDEN_STORES = ("device", "cpu", "disk")
 # (block, its groups, replay batches, replay forward, stats mode, capture seed) -> {group: SignalStats} of the
 # groups this process scores (a data-parallel capture reduces the statistics to each group's owner)
 BlockCapture = Callable[[nn.Module, Sequence[UnitGroup], Sequence[dict[str, Any]], ForwardFn, str, int],
@@ -102,6 +101,16 @@ def _block_of_groups(blocks: nn.ModuleList, groups: Sequence[UnitGroup]) -> list
                              f"modules {g.paths} outside or across blocks; use the whole-model capture")
         out.append(block)
     return out
+
+
+def supports(model: nn.Module, groups: Sequence[UnitGroup]) -> bool:
+    """Whether ``groups`` can be captured layer-sequentially on ``model``: it has a block stack
+    (:func:`find_blocks`) and every group lies inside one block of it."""
+    try:
+        _block_of_groups(find_blocks(model, groups)[1], groups)
+    except ValueError:
+        return False
+    return True
 
 
 # ---- lazily loaded weights -------------------------------------------------------------------------------
@@ -522,4 +531,4 @@ def load_empty(folder: str | Path, model_class: Any = None, dtype: torch.dtype =
 
 
 __all__ = ["HIDDEN_STORES", "BlockCapture", "SequentialScores", "ShardedWeights", "capture_and_score_sequential",
-           "find_blocks", "load_empty", "peak_memory", "replay_batches"]
+           "find_blocks", "load_empty", "peak_memory", "replay_batches", "supports"]
