@@ -546,9 +546,10 @@ def prune_round(model: nn.Module, groups: Sequence[UnitGroup], cfg: PruneConfig,
                 loss_fn: LossFn | None = None, capture_step: CaptureStep = capture_and_score) -> RoundRecord:
     """Round ``round_index`` (0-based) on ``model``, whose prunable groups are ``groups``: capture and score
     the scorable groups (``capture_step``, with the signature and result of :func:`capture_and_score`, which
-    is the default; the driver passes the layer-sequential or the distributed step), select, trim to the target's budget (uniform widths: to the achievable count nearest
-    the target, which may remove nothing, except in round 0: a run removes something), remove (in place),
-    recalibrate BatchNorm if ``cfg.recalibrate_bn``. Raises TargetUnreachableError when no group can lose
+    is the default; the driver passes the layer-sequential or the distributed step), select, trim to the
+    target's budget (uniform widths: to the achievable count nearest the target, which may remove nothing,
+    except in round 0: a run removes something), remove (in place), recalibrate BatchNorm if
+    ``cfg.recalibrate_bn``. Raises TargetUnreachableError when no group can lose
     another unit."""
     epr = baseline.epr
     p_now = accounting.count_params(model)
