@@ -89,6 +89,19 @@ def _unit_interval(name: str) -> Any:
     return parse
 
 
+def _num_eigs(s: str) -> int | str:
+    """An argparse type: an int >= 1 or 'full'."""
+    if s == "full":
+        return s
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'full', got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'full', got {s}")
+    return v
+
+
 def _rank() -> int:
     """This process's rank under torchrun (0 without it)."""
     from .distributed import world
@@ -101,23 +114,22 @@ def _scorer_options(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("k", "num_eigs", "direction", "preprocess"):
         v = getattr(args, key, None)
         if v is not None:
-            opts[key] = v if key != "num_eigs" or v == "full" else int(v)
+            opts[key] = v
     return opts
 
 
 def _check_out(out: str | None) -> None:
-    """Fail fast (before any model is loaded) on an output directory that cannot be created or written."""
+    """Fail fast (before any model is loaded) on an output directory that cannot be created or written; the
+    directory itself is created by the run (``run_store.prepare_run_dir``), which removes it again when the run
+    fails before its first round."""
     if out is None:
         return
     p = Path(out)
     if p.exists() and not p.is_dir():
         raise ValueError(f"out: expected a directory, got an existing file {out!r}")
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OSError(f"out: cannot create {out!r} ({e.strerror})") from None
-    if not os.access(p, os.W_OK | os.X_OK):
-        raise OSError(f"out: cannot write to {out!r} (permission denied)")
+    base = next(d for d in (p, *p.parents) if d.exists())
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        raise OSError(f"out: cannot {'write to' if base == p else 'create'} {out!r} (permission denied)")
 
 
 def _run_prune(args: argparse.Namespace, *, quiet: bool = False) -> dict[str, Any]:
@@ -231,18 +243,23 @@ def _prune(args: argparse.Namespace) -> int:
 def _score(args: argparse.Namespace) -> int:
     from .builtin.tasks import load_task
     from .driver import score_model, write_scores
-    from .run_store import prepare_run_dir
+    from .run_store import prepare_run_dir, remove_empty_dirs
     from .scorers import get_scorer
 
     get_scorer(args.scorer)
     writer = _rank() == 0  # under torchrun only rank 0 writes
+    created = None
     if writer:
         _check_out(args.out)
-        prepare_run_dir(Path(args.out), resume=False)
-    task = load_task(args.model, args.data, seed=args.seed)
-    outs, summary = score_model(task.model, task.calib, scorer=args.scorer, kinds=args.kinds or task.kinds,
-                                options=_scorer_options(args), loss_fn=task.loss_fn, forward=task.forward,
-                                seed=args.seed, sequential=args.sequential, hidden_store=args.hidden_store)
+        created = prepare_run_dir(Path(args.out), resume=False, resumable=False)
+    try:
+        task = load_task(args.model, args.data, seed=args.seed)
+        outs, summary = score_model(task.model, task.calib, scorer=args.scorer, kinds=args.kinds or task.kinds,
+                                    options=_scorer_options(args), loss_fn=task.loss_fn, forward=task.forward,
+                                    seed=args.seed, sequential=args.sequential, hidden_store=args.hidden_store)
+    except BaseException:
+        remove_empty_dirs(Path(args.out), created)  # a failed score leaves no directory it made
+        raise
     if writer:
         write_scores(args.out, outs, summary, {"model": task.model_name, "data": task.data_name,
                                                "scorer": args.scorer, "data_info": task.info})
@@ -280,8 +297,8 @@ def _add_common(p: argparse.ArgumentParser, *, need_out: bool) -> None:
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=None, help="unit kinds to prune (default: the "
                    "task's)")
     p.add_argument("--seed", type=_int_at_least(0), default=0)
-    p.add_argument("--k", type=_int_at_least(0), default=None, help="spectral: neighbours per unit (default 10)")
-    p.add_argument("--num-eigs", default=None, help="spectral: eigenpairs s (default 32) or 'full'")
+    p.add_argument("--k", type=_int_at_least(1), default=None, help="spectral: neighbours per unit (default 10)")
+    p.add_argument("--num-eigs", type=_num_eigs, default=None, help="spectral: eigenpairs s (default 32) or 'full'")
     p.add_argument("--direction", choices=("fwd", "rev", "sym"), default=None)
     p.add_argument("--preprocess", choices=("zscore", "center", "raw"), default=None)
     p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,

@@ -93,6 +93,12 @@ class PruneConfig:
             raise ValueError(f"epr_basis: expected one of {EPR_BASES}, got {self.epr_basis!r}")
         if not isinstance(self.scorer_options, dict):
             raise TypeError(f"scorer_options: expected a dict, got {type(self.scorer_options).__name__}")
+        k = self.scorer_options.get("k", 1)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"scorer_options['k']: expected an int >= 1 (neighbours per unit), got {k!r}")
+        s = self.scorer_options.get("num_eigs", 1)
+        if s != "full" and (isinstance(s, bool) or not isinstance(s, int) or s < 1):
+            raise ValueError(f"scorer_options['num_eigs']: expected an int >= 1 or 'full', got {s!r}")
         if isinstance(self.max_rounds, bool) or not isinstance(self.max_rounds, int) or self.max_rounds < 1:
             raise ValueError(f"max_rounds: expected an int >= 1, got {self.max_rounds!r}")
         if not isinstance(self.finetune, FinetuneConfig):

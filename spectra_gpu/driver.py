@@ -21,7 +21,9 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,13 +40,15 @@ from ._progress import enabled as _progress_on
 from .compensate import apply_refits, compensation, dense_removals
 from .config import EPR_BASES, HEAD_K, KINDS, PruneConfig, TargetUnreachableError
 from .distributed import capture_and_score_distributed, world
-from .finetune import finetune
+from .errors import NumericalWarning, counted_repairs
+from .finetune import check_batches_fn, finetune
 from .report import epr_statement, provenance, score_summary, torch_save, write_json
 from .rounds import (
     Baseline,
     CaptureStep,
     RoundRecord,
     apply_removals,
+    check_scorer_options,
     head_counts,
     min_keep,
     params_at_floor,
@@ -93,6 +97,14 @@ def capture_step_for(model: nn.Module, groups: Sequence[UnitGroup], cfg: PruneCo
     return capture_and_score_distributed, False
 
 
+def target_on_bases(epr: accounting.EprBasis, target: float) -> dict[str, float]:
+    """{"total", "prunable"}: the share of all parameters and of the prunable ones that a ``target`` EPR on
+    ``epr``'s basis removes."""
+    removed = target * epr.denominator
+    return {"total": removed / epr.params_before,
+            "prunable": removed / epr.prunable_before if epr.prunable_before else 0.0}
+
+
 def _json_form(obj: Any) -> Any:
     """``obj`` as it reads back from JSON (tuples become lists), to compare configurations."""
     return json.loads(json.dumps(obj, default=str))
@@ -106,18 +118,33 @@ class _Run:
                  evaluate: Callable[[nn.Module], float] | None, metric_name: str,
                  train_batches: Callable[[int], Iterable[Any]] | None, groups: GroupsFn | None,
                  callback: Callable[[str, dict[str, Any]], None] | None, meta: dict[str, Any] | None, plots: bool,
-                 save_model: bool, tokenizer: Any, keep_checkpoints: bool) -> None:
+                 save_model: bool, tokenizer: Any, keep_checkpoints: bool, inplace: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(cfg, PruneConfig):
             raise TypeError(f"config: expected a PruneConfig, got {type(cfg).__name__}")
+        if isinstance(calib, (torch.Tensor, dict)) or not isinstance(calib, Iterable):
+            raise TypeError(f"calib: expected a sequence of batches (tensors, (inputs, labels) pairs or dicts), got "
+                            f"a {type(calib).__name__}; split a tensor into batches, e.g. list(x.split(64))")
         calib = list(calib)
         if not calib:
             raise ValueError("calib: expected at least one calibration batch, got none")
         if cfg.scorer in NEEDS_TAYLOR and loss_fn is None:
             raise ValueError(f"scorer {cfg.scorer!r} needs gradients: pass loss_fn(model, batch) -> loss")
+        for name, fn in (("loss_fn", loss_fn), ("evaluate", evaluate), ("forward", forward), ("groups", groups),
+                         ("callback", callback)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name}: expected a callable or None, got a {type(fn).__name__}")
+        if train_batches is not None:
+            check_batches_fn(train_batches)
         if cfg.finetune.epochs > 0 and train_batches is not None and loss_fn is None:
             raise ValueError("fine-tune needs loss_fn(model, batch) -> loss next to train_batches")
+        if cfg.finetune.epochs > 0 and train_batches is None:
+            warnings.warn(f"no train_batches: the recovery fine-tune (epochs={cfg.finetune.epochs}) is skipped; pass "
+                          "train_batches=lambda epoch: batches, or FinetuneConfig(epochs=0) to say so",
+                          UserWarning, stacklevel=3)
+        if not inplace:
+            model = copy.deepcopy(model)
         self.model, self.calib, self.cfg = model, calib, cfg
         self.loss_fn, self.evaluate, self.metric_name = loss_fn, evaluate, metric_name
         self.train_batches, self.groups_fn, self.callback = train_batches, groups, callback
@@ -170,6 +197,8 @@ class _Run:
             load_model_state(self.model, ck.model_state)
             self.state = ck.state
             self.resumed = True
+            if self.meta.get("command") is not None or _progress_on():  # the CLI, or a terminal: say so
+                print(self.store.resume_note(ck.state), file=sys.stderr)
             return
         rep = self.store.stored_report()
         if rep is None:
@@ -244,7 +273,12 @@ class _Run:
             self._write_outputs(self.finished, only_missing=True)
             return PruneResult(self.model, self.finished)
         if self.state is None:
-            self.state = self._start()
+            try:
+                self.state = self._start()
+            except BaseException:
+                if self.store is not None:
+                    self.store.discard()  # a new run refused at the start leaves nothing behind
+                raise
             self._save()
         st = self.state
         if st.phase == "done":
@@ -254,14 +288,24 @@ class _Run:
         t0 = time.perf_counter()
         before = st.seconds_prior
         try:
-            if st.phase == "prune":
-                self._prune_rounds(st, t0, before)
-            if st.phase == "compensate":
-                self._compensate(st, t0, before)
-            if st.phase == "finetune":
-                self._finetune(st, t0, before)
+            with counted_repairs(st.numerical_repairs):  # one summary line per run, counts in the report
+                if st.phase == "prune":
+                    try:
+                        self._prune_rounds(st, t0, before)
+                    except BaseException:
+                        if self.store is not None and not self.resumed and not st.rounds:
+                            self.store.discard()  # failed before its first round: leave nothing
+                        raise
+                if st.phase == "compensate":
+                    self._compensate(st, t0, before)
+                if st.phase == "finetune":
+                    self._finetune(st, t0, before)
         finally:
             st.seconds_prior = before + time.perf_counter() - t0
+        if st.numerical_repairs:
+            warnings.warn(f"{sum(st.numerical_repairs.values())} numerical repairs during the run "
+                          f"({len(st.numerical_repairs)} kinds; counts in report.json 'numerical_repairs')",
+                          NumericalWarning, stacklevel=3)
         st.phase = "done"
         st.report = self._report(st)
         self._save()  # so a crash while writing the outputs finishes them on resume
@@ -274,6 +318,7 @@ class _Run:
         self.groups = self._discover()
         if not self.groups:
             raise ValueError(f"model: found no prunable groups of kinds {cfg.kinds}")
+        check_scorer_options(cfg, self.groups)
         self._keep_dense("prune")
         base = Baseline.of(self.model, self.groups, cfg)
         floor = params_at_floor(self.model, self.groups, base.min_keep)
@@ -282,6 +327,12 @@ class _Run:
                 f"target: EPR {cfg.target} ({cfg.epr_basis} basis) is out of reach: cutting every group to its "
                 f"min-keep gives at most {base.epr(floor):.4f}; lower the target or prune more unit kinds "
                 f"(now {list(cfg.kinds)})")
+        bases = target_on_bases(base.epr, cfg.target)
+        if max(bases.values()) > 1.5 * min(bases.values()):
+            warnings.warn(f"target: EPR {cfg.target} on the {cfg.epr_basis} basis removes {bases['total']:.3f} of all "
+                          f"parameters = {bases['prunable']:.3f} of the prunable ones (embeddings, LM head and "
+                          f"classifier are {1 - base.epr.prunable_before / base.epr.params_before:.0%} of the model "
+                          "and are not pruned); choose --epr-basis to say which you mean", UserWarning, stacklevel=4)
         st = RunState.start(cfg.to_dict(), base)
         st.flops_before = self._flops()
         st.metric_before = self._metric()
@@ -387,7 +438,8 @@ class _Run:
         return {
             **{k: v for k, v in self.meta.items() if k not in ("flops_input", "command")},
             "model": self.meta.get("model", type(self.model).__name__), "scorer": cfg.scorer,
-            "target": cfg.target, "epr_basis": cfg.epr_basis, "epr": epr(pa),
+            "target": cfg.target, "epr_basis": cfg.epr_basis, "target_on_bases": target_on_bases(epr, cfg.target),
+            "epr": epr(pa),
             "epr_total": epr.total(pa), "epr_prunable": epr.prunable(pa),
             "params_before": st.params_before, "params_after": pa,
             "params_prunable_before": st.params_prunable_before,
@@ -402,6 +454,7 @@ class _Run:
             "widths_after": {g.name: int(g.size) for g in self.groups},
             "kinds_by_group": st.kinds_by_group, "min_keep": st.min_keep,
             "finetune_history": st.finetune_history, "score_distributions": st.score_distributions,
+            "numerical_repairs": st.numerical_repairs,
             "eigenvalues": st.eigenvalues, "calibration_batches": len(self.calib), "config": cfg.to_dict(),
             "uniform_widths": base.uniform, "round_to": base.round_to,
             "epr_statement": epr_statement(cfg.target, epr(pa), cfg.epr_basis, base.uniform, base.round_to),
@@ -416,8 +469,9 @@ def prune(model: nn.Module, calib: Sequence[Any], config: PruneConfig | None = N
           metric_name: str = "metric", train_batches: Callable[[int], Iterable[Any]] | None = None,
           groups: GroupsFn | None = None, callback: Callable[[str, dict[str, Any]], None] | None = None,
           meta: dict[str, Any] | None = None, plots: bool = True, save_model: bool = True, tokenizer: Any = None,
-          keep_checkpoints: bool = False) -> PruneResult:
-    """Prune ``model`` in place, iteratively, to ``config.target`` EPR; fine-tune once; return the model and
+          keep_checkpoints: bool = False, inplace: bool = True) -> PruneResult:
+    """Prune ``model`` (in place unless ``inplace=False``: then a deep copy is pruned and ``model`` is left as it
+    was, at twice the memory), iteratively, to ``config.target`` EPR; fine-tune once; return the model and
     its report (the content of report.json).
 
     model: the unpruned model (on resume: freshly constructed again, as for the first run; the run's
@@ -428,9 +482,10 @@ def prune(model: nn.Module, calib: Sequence[Any], config: PruneConfig | None = N
     forward(model, batch): how a batch runs (default ``capture.default_forward``). loss_fn(model, batch) ->
     scalar loss: needed by gradient scorers (Taylor) and by the fine-tune. evaluate(model) -> float, named
     ``metric_name``: measured before pruning, after every round (``config.track_metric``), after pruning and
-    after the fine-tune. train_batches(epoch) -> the epoch's batches for the fine-tune (none: no fine-tune).
-    groups(model) -> unit groups (default ``units.discover_groups(model, config.kinds)``), called once at the
-    start and once after each round's removals. callback(event, info) on round_start / round_end /
+    after the fine-tune. train_batches(epoch) -> the epoch's batches for the fine-tune (none: no fine-tune,
+    with a warning when ``config.finetune.epochs > 0``). groups(model) -> unit groups (default
+    ``units.discover_groups(model, config.kinds)``), called once at the start and once after each round's
+    removals. callback(event, info) on round_start / round_end /
     finetune_epoch / done. meta: extra report fields (e.g. model and data names; ``flops_input``, a batch,
     for FLOP counts before and after).
 
@@ -454,7 +509,7 @@ def prune(model: nn.Module, calib: Sequence[Any], config: PruneConfig | None = N
     return _Run(model, calib, config or PruneConfig(), forward=forward, out_dir=out_dir, resume=resume,
                 loss_fn=loss_fn, evaluate=evaluate, metric_name=metric_name, train_batches=train_batches,
                 groups=groups, callback=callback, meta=meta, plots=plots, save_model=save_model,
-                tokenizer=tokenizer, keep_checkpoints=keep_checkpoints).run()
+                tokenizer=tokenizer, keep_checkpoints=keep_checkpoints, inplace=inplace).run()
 
 
 def score_model(model: nn.Module, calib: Sequence[Any], *, scorer: str = "spectral",
@@ -473,6 +528,7 @@ def score_model(model: nn.Module, calib: Sequence[Any], *, scorer: str = "spectr
     gs = [g for g in discover(model, cfg, groups) if g.size >= 3]
     if not gs:
         raise ValueError(f"model: found no groups of >= 3 units of kinds {list(cfg.kinds)}")
+    check_scorer_options(cfg, gs)
     step, seq = capture_step_for(model, gs, cfg)
     sc = step(model, gs, list(calib), cfg, forward=forward, loss_fn=loss_fn, desc=f"scoring ({scorer})")
     info: dict[str, Any] = {}
@@ -493,7 +549,7 @@ def write_scores(out_dir: str | Path, outs: dict[str, ScoreOutput], summary: dic
     from .report import plot_report, score_markdown, write_text
 
     out = Path(out_dir)
-    prepare_run_dir(out, resume=False)
+    prepare_run_dir(out, resume=False, resumable=False)
     (out / "scores").mkdir(exist_ok=True)
     for g, o in outs.items():
         torch_save(out / "scores" / f"{_safe(g)}.pt",

@@ -56,29 +56,18 @@ class FinetuneConfig:
     kd_alpha: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer: expected one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule: expected one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
-            raise ValueError(f"lr: expected a positive number, got {self.lr!r}")
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
-            raise ValueError(f"epochs: expected an int >= 0, got {self.epochs!r}")
-        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)
-                                       or self.steps < 1):
-            raise ValueError(f"steps: expected None or an int >= 1, got {self.steps!r}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay: expected >= 0, got {self.weight_decay!r}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"grad_clip: expected None or > 0, got {self.grad_clip!r}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss: expected one of {', '.join(LOSSES)}, got {self.loss!r}")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
-                or not self.temperature > 0:
-            raise ValueError(f"temperature: expected a positive number, got {self.temperature!r}")
-        if isinstance(self.kd_alpha, bool) or not isinstance(self.kd_alpha, (int, float)) \
-                or not 0 <= self.kd_alpha <= 1:
-            raise ValueError(f"kd_alpha: expected a number in [0, 1], got {self.kd_alpha!r}")
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        _check_choice("loss", self.loss, LOSSES)
+        _check_number("lr", self.lr, "a number > 0", lambda v: v > 0)
+        _check_int("epochs", self.epochs, 0, none_ok=False)
+        _check_int("steps", self.steps, 1, none_ok=True)
+        _check_number("weight_decay", self.weight_decay, "a number >= 0", lambda v: v >= 0)
+        _check_number("momentum", self.momentum, "a number in [0, 1)", lambda v: 0 <= v < 1)
+        if self.grad_clip is not None:
+            _check_number("grad_clip", self.grad_clip, "None or a number > 0", lambda v: v > 0)
+        _check_number("temperature", self.temperature, "a number > 0", lambda v: v > 0)
+        _check_number("kd_alpha", self.kd_alpha, "a number in [0, 1]", lambda v: 0 <= v <= 1)
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a dict; the distillation fields only when they differ from their defaults, so a
@@ -89,6 +78,44 @@ class FinetuneConfig:
             if d[k] == v:
                 del d[k]
         return d
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"FinetuneConfig.{name}: expected one of {', '.join(choices)}, got {value!r}")
+
+
+def _check_number(name: str, value: Any, expected: str, ok: Callable[[float], bool]) -> None:
+    """A real number (not a bool; finite) for which ``ok`` holds, else a ValueError / TypeError naming
+    ``expected`` and what came."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"FinetuneConfig.{name}: expected {expected}, got {type(value).__name__} {value!r}")
+    if not (math.isfinite(value) and ok(value)):
+        raise ValueError(f"FinetuneConfig.{name}: expected {expected}, got {value!r}")
+
+
+def _check_int(name: str, value: Any, low: int, *, none_ok: bool) -> None:
+    expected = f"{'None or ' if none_ok else ''}an integer >= {low}"
+    if value is None and none_ok:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"FinetuneConfig.{name}: expected {expected}, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"FinetuneConfig.{name}: expected {expected}, got {value}")
+
+
+def check_batches_fn(train_batches: Any, name: str = "train_batches") -> None:
+    """Refuse, with a TypeError naming what was expected and what came, anything but a callable
+    ``epoch -> that epoch's batches`` (a list, a DataLoader or a tensor given directly included: the fine-tune
+    asks for each epoch's batches by the epoch, so a shuffled order is reproduced on resume). ``None`` (no
+    fine-tune) is the caller's to allow."""
+    if callable(train_batches) and not isinstance(train_batches, (torch.Tensor, nn.Module)):
+        return
+    got = type(train_batches).__name__
+    hint = (f"; to reuse the same batches every epoch pass `lambda epoch: {name}`"
+            if isinstance(train_batches, Iterable) and not isinstance(train_batches, (str, bytes)) else "")
+    raise TypeError(f"{name}: expected a callable epoch -> that epoch's batches (e.g. `lambda epoch: batches`), "
+                    f"got a {got}{hint}")
 
 
 def make_optimizer(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
@@ -192,6 +219,9 @@ def finetune(model: torch.nn.Module, batches: Callable[[int], Iterable[Any]],
     """
     if not isinstance(cfg, FinetuneConfig):
         raise TypeError(f"cfg: expected a FinetuneConfig, got {type(cfg).__name__}")
+    check_batches_fn(batches, "batches")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn: expected a callable (model, batch) -> scalar loss, got {type(loss_fn).__name__}")
     kd = cfg.loss == "kd"
     if kd and (teacher is None or not callable(teacher)):
         raise ValueError("finetune: loss='kd' needs teacher= (the dense model, or a callable batch -> logits), "
@@ -261,5 +291,5 @@ def finetune(model: torch.nn.Module, batches: Callable[[int], Iterable[Any]],
     return history
 
 
-__all__ = ["LOSSES", "OPTIMIZERS", "SCHEDULES", "FinetuneConfig", "Teacher", "finetune", "kd_loss", "loss_and_logits",
-           "make_optimizer", "teacher_logits"]
+__all__ = ["LOSSES", "OPTIMIZERS", "SCHEDULES", "FinetuneConfig", "Teacher", "check_batches_fn", "finetune",
+           "kd_loss", "loss_and_logits", "make_optimizer", "teacher_logits"]

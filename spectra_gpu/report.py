@@ -26,10 +26,23 @@ PLOTS = {"scores": "scores_by_layer.png", "eigen": "eigenvalues.png", "metric": 
          "widths": "widths.png"}
 
 
+def current_umask() -> int:
+    """The process's file-mode creation mask, read without changing it (Linux: /proc/self/status; elsewhere it
+    is set and restored at once)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_replace(path: str | os.PathLike[str], write_to: Callable[[Path], None]) -> None:
     """Create ``path`` atomically: ``write_to(tmp)`` writes a temp file in the same directory, which is then
     fsynced and moved over ``path`` (os.replace): readers see the old or the new file, never half of one, and
-    a failed write leaves the old file and no temp file."""
+    a failed write (an exception, a full disk) leaves the old file and no temp file. The file gets the mode a
+    plain ``open(path, "w")`` would give it (0o666 less the umask), whatever mode the writer created."""
     path = Path(path)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -38,6 +51,7 @@ def atomic_replace(path: str | os.PathLike[str], write_to: Callable[[Path], None
         write_to(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -392,15 +406,27 @@ def write_report(out_dir: str | os.PathLike[str], report: dict[str, Any], *, plo
 
 
 def load_report(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    p = Path(out_dir) / "report.json"
+    """DIR/report.json as a dict. A missing directory or file, or a damaged file (not JSON, not UTF-8, not a
+    JSON object) raises ValueError in one line naming the file, what is wrong and what to do."""
+    d = Path(out_dir)
+    if not d.is_dir():
+        raise ValueError(f"report: expected a run directory holding report.json, got {str(out_dir)!r}, which "
+                         f"{'is not a directory' if d.exists() else 'does not exist'}")
+    p = d / "report.json"
     if not p.is_file():
-        raise ValueError(f"report: expected a run directory holding report.json, got {str(out_dir)!r}")
+        raise ValueError(f"report: expected a run directory holding report.json, got {str(out_dir)!r}, which has "
+                         "none (a run that has not finished has none yet; continue it with --resume)")
+    fix = "delete it and rerun the run without --resume, or restore it from a copy"
     try:
-        rep = json.loads(p.read_text())
+        rep = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"report: {p} is not valid JSON ({e})") from None
+        raise ValueError(f"report: {p} is damaged (not valid JSON: {e.msg} at line {e.lineno} column {e.colno}; "
+                         f"truncated?); {fix}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"report: {p} is damaged (not UTF-8 text); {fix}") from None
     if not isinstance(rep, dict):
-        raise ValueError(f"report: expected a JSON object in {p}, got {type(rep).__name__}")
+        raise ValueError(f"report: {p} is damaged (expected a JSON object, got a JSON {type(rep).__name__}); "
+                         f"{fix}")
     return rep
 
 

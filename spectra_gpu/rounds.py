@@ -127,21 +127,43 @@ def stats_mode(scorer: str, neighbors: bool) -> str:
     return "moments" if scorer in BUILTIN_BASELINES and not neighbors else "exact"
 
 
-def scorer_options(cfg: PruneConfig, kind: str) -> dict[str, Any]:
-    """The options a scorer gets: spectral and hybrid_rank all of them (heads: k <= HEAD_K); built-in
+def scorer_options(cfg: PruneConfig, kind: str, width: int | None = None) -> dict[str, Any]:
+    """The options a scorer gets for a group of ``width`` units (None: not capped): spectral and hybrid_rank all
+    of them (heads: k <= min(HEAD_K, width - 1); an int num_eigs at most width - 1, as groups narrow over the
+    rounds; ``check_scorer_options`` refuses values the unpruned groups cannot take); built-in
     baselines only the kNN request of one-per-neighbourhood (their formulas take none); registered scorers
     all, plus that request."""
     opts = dict(cfg.scorer_options)
     k = int(opts.get("k", HEAD_K if kind == "head" else 10))
     if cfg.scorer in SPECTRAL_SCORERS:
         if kind == "head":
-            opts["k"] = min(k, HEAD_K)
+            opts["k"] = min(k, HEAD_K) if width is None else min(k, HEAD_K, width - 1)
+        if width is not None and isinstance(opts.get("num_eigs"), int):
+            opts["num_eigs"] = min(opts["num_eigs"], width - 1)
         return opts
     if cfg.scorer in BUILTIN_BASELINES:
         opts = {}
     if cfg.one_per_neighbourhood:
         opts.update(neighbors=True, k=k)
     return opts
+
+
+def check_scorer_options(cfg: PruneConfig, groups: Sequence[UnitGroup]) -> None:
+    """Refuse, before any work, a spectral ``k`` / int ``num_eigs`` of ``cfg.scorer_options`` that is not
+    below the width of the narrowest neuron / channel / FFN group scored (head groups, a few units each, use
+    ``scorer_options``' caps)."""
+    if cfg.scorer not in SPECTRAL_SCORERS:
+        return
+    scored = [g for g in groups if g.kind != "head" and int(g.size) >= 3]
+    if not scored:
+        return
+    narrow = min(scored, key=lambda g: int(g.size))
+    n = int(narrow.size)
+    for key, what in (("k", "neighbours"), ("num_eigs", "eigenpairs")):
+        v = cfg.scorer_options.get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and v >= n:
+            raise ValueError(f"{key}: expected fewer {what} than the narrowest group's units ({key} < {n}, the "
+                             f"units of {narrow.name!r}), got {key}={v}")
 
 
 def round_seed(cfg: PruneConfig, round_index: int, group_index: int) -> int:
@@ -198,7 +220,7 @@ def score_groups(groups: Sequence[UnitGroup], signals: Signals, cfg: PruneConfig
         t = time.perf_counter()
         ctx = ScoreContext(signals.stats[g.name], g.in_weight().detach(), g.out_weight().detach(),
                            signals.taylor.get(g.name), round_seed(cfg, round_index, group_offset + gi),
-                           scorer_options(cfg, g.kind))
+                           scorer_options(cfg, g.kind, int(g.size)))
         outs[g.name] = run_scorer(cfg.scorer, ctx)
         per[g.name] = time.perf_counter() - t
         faults.point("score")

@@ -16,6 +16,7 @@ the saved state_dict (:func:`load_model_state`).
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,8 @@ class RunState:
     phase: 'prune' (rounds to go), 'compensate' (rounds done, consumers not yet refit), 'finetune' (pruning and
     compensation done), 'done' (``report`` set). rounds: one record per completed round. compensation: per
     group, the refit's ``Refit.summary()`` (empty: not compensated); metric_after_compensation: the metric
-    after it. finetune_state: the fine-tune's resume point ({epoch, step, optimizer, scheduler,
+    after it. numerical_repairs: {kind of repair: count} of the numerical warnings so far
+    (``errors.counted_repairs``). finetune_state: the fine-tune's resume point ({epoch, step, optimizer, scheduler,
     history}) while it runs.
     """
 
@@ -73,6 +75,7 @@ class RunState:
     metric_after_prune: float | None = None
     compensation: dict[str, Any] = field(default_factory=dict)
     metric_after_compensation: float | None = None
+    numerical_repairs: dict[str, int] = field(default_factory=dict)
     finetune_state: dict[str, Any] | None = None
     finetune_history: list[dict[str, Any]] = field(default_factory=list)
     metric_after_finetune: float | None = None
@@ -173,11 +176,42 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 # ---- the directory ---------------------------------------------------------------------------------------
-def prepare_run_dir(out: Path, resume: bool) -> None:
-    """Create the run directory (clear OSError if impossible); refuse to overwrite a run unless resuming."""
+def _missing_root(out: Path) -> Path | None:
+    """The outermost directory of ``out`` (itself or an ancestor) that does not exist yet, or None."""
+    root = None
+    for d in (out, *out.parents):
+        if d.exists():
+            break
+        root = d
+    return root
+
+
+def prepare_run_dir(out: Path, resume: bool, *, resumable: bool = True) -> Path | None:
+    """Create the run directory (clear OSError if impossible) and check what it holds: an existing run is
+    refused unless ``resume``, and ``resume`` is refused where there is no run to continue. ``resumable``:
+    whether the command can resume at all (``spectra score`` cannot, so its refusal does not suggest
+    --resume). Returns the outermost directory this call created (``out`` or an ancestor), None if ``out``
+    existed; a refusal leaves nothing created behind."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"out: expected a directory, got an existing file {str(out)!r}")
-    out.mkdir(parents=True, exist_ok=True)
+    if resume and not out.exists():
+        raise ValueError(f"nothing to resume in {str(out)!r}: the directory does not exist; run without --resume "
+                         "to start a new run")
+    created = _missing_root(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"out: cannot create {str(out)!r} ({e.strerror})") from None
+    try:
+        _check_run_dir(out, resume, resumable)
+    except BaseException:
+        if created is not None:
+            remove_empty_dirs(out, created)
+        raise
+    return created
+
+
+def _check_run_dir(out: Path, resume: bool, resumable: bool) -> None:
     probe = out / ".spectra_write_test"
     try:
         probe.write_bytes(b"")
@@ -188,9 +222,36 @@ def prepare_run_dir(out: Path, resume: bool) -> None:
         raise ValueError(f"out: {str(out)!r} holds a pickled checkpoint of an earlier spectra_gpu version "
                          f"({LEGACY_CHECKPOINT}), which is never loaded (unpickling runs code); delete it and "
                          "rerun without --resume, or choose another directory")
-    if not resume and ((out / CHECKPOINT).exists() or (out / "report.json").exists()):
-        raise ValueError(f"out: {str(out)!r} already holds a run; pass resume=True (--resume) to continue it, "
-                         "or choose another directory")
+    has_run = (out / CHECKPOINT).exists() or (out / "report.json").exists()
+    if resume and not has_run:
+        raise ValueError(f"nothing to resume in {str(out)!r}: it holds no {CHECKPOINT} and no report.json; run "
+                         "without --resume to start a new run")
+    if not resume and has_run:
+        how = "pass resume=True (--resume) to continue it, or choose" if resumable else "choose"
+        raise ValueError(f"out: {str(out)!r} already holds a run; {how} another directory")
+
+
+def remove_empty_dirs(out: Path, root: Path | None) -> None:
+    """Remove ``out`` and its ancestors up to ``root`` (inclusive; what ``prepare_run_dir`` created) while they
+    are empty; nothing when ``root`` is None (the directory existed before)."""
+    if root is None:
+        return
+    for d in (out, *out.parents):
+        try:
+            d.rmdir()
+        except OSError:  # not empty (someone else's files), or gone
+            return
+        if d == root:
+            return
+
+
+def _is_leftover(p: Path) -> bool:
+    """A temp file of ``report.atomic_replace`` (``.<name>.<random>.tmp``) or a temp folder of
+    ``io.save_pruned`` (``.model.<random>``, ``.model.old.<random>``) left by a killed process."""
+    name = p.name
+    if p.is_dir():
+        return name.startswith(".model.")
+    return name.startswith(".") and name.endswith(".tmp")
 
 
 @dataclass
@@ -207,7 +268,53 @@ class RunStore:
     def __init__(self, out: str | Path, *, resume: bool = False, keep_checkpoints: bool = False) -> None:
         self.out = Path(out)
         self.keep_checkpoints = bool(keep_checkpoints)
-        prepare_run_dir(self.out, resume)
+        self.resume = bool(resume)
+        self.created = prepare_run_dir(self.out, self.resume)  # what :meth:`discard` may remove
+        if self.resume:
+            self.remove_leftovers()
+
+    def remove_leftovers(self) -> list[Path]:
+        """Remove the temp files and folders a killed process left in the directory (none of them is ever
+        read: a write only counts once renamed into place); returns what was removed."""
+        gone = [p for p in sorted(self.out.iterdir()) if _is_leftover(p)]
+        for p in gone:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        return gone
+
+    def discard(self) -> None:
+        """Undo a new run that failed before it got anywhere (before its first round): remove the checkpoint
+        and temp files this store wrote, then the directory (and the parents) it created, if nothing else is
+        there. A resumed run's files are never touched (they belong to the run being continued)."""
+        if self.resume or not self.out.is_dir():
+            return
+        self.checkpoint_path.unlink(missing_ok=True)
+        self.remove_leftovers()
+        remove_empty_dirs(self.out, self.created)
+
+    def resume_note(self, state: RunState) -> str:
+        """One line saying what a resume continues from, e.g. "resuming DIR: 3 pruning rounds done (EPR 0.2401,
+        target 0.3); fine-tune epoch 1/2 done, continuing with epoch 2"."""
+        cfg = state.config
+        n = len(state.rounds)
+        done = f"{n} pruning round{'s' if n != 1 else ''} done"
+        if state.rounds:
+            done += f" (EPR {state.rounds[-1].epr:.4f}, target {cfg.get('target')})"
+        ft = cfg.get("finetune") or {}
+        epochs = int(ft.get("epochs", 0))
+        if state.phase == "prune":
+            nxt = "continuing with round " + str(n + 1) if n else "starting the first round"
+        elif state.phase == "compensate":
+            nxt = "continuing with the compensation"
+        elif state.phase == "finetune":
+            e = int(state.finetune_state["epoch"]) if state.finetune_state else 0
+            nxt = (f"fine-tune epoch {e}/{epochs} done, continuing with epoch {e + 1}" if e
+                   else "starting the fine-tune" if epochs else "writing the outputs")
+        else:
+            nxt = "the run finished; writing the outputs that are missing"
+        return f"resuming {self.out}: {done}; {nxt}"
 
     @property
     def checkpoint_path(self) -> Path:
@@ -278,4 +385,5 @@ class RunStore:
             self.checkpoint_path.unlink(missing_ok=True)
 
 
-__all__ = ["CHECKPOINT", "Checkpoint", "RunState", "RunStore", "load_model_state", "prepare_run_dir"]
+__all__ = ["CHECKPOINT", "Checkpoint", "RunState", "RunStore", "load_model_state", "prepare_run_dir",
+           "remove_empty_dirs"]

@@ -186,3 +186,45 @@ def test_progress_totals_are_the_steps_each_epoch_runs(monkeypatch):
 
     hist = finetune(model, lambda e: data, loss_fn, FinetuneConfig(epochs=3, steps=6))
     assert totals == [4, 2] and hist[-1]["steps"] == 6
+
+
+def test_batches_must_be_a_callable_of_the_epoch_and_are_refused_up_front():
+    from spectra_gpu.finetune import check_batches_fn
+
+    batches = _batches(2, 0)
+    check_batches_fn(lambda epoch: batches)
+    for bad, got in ((batches, "list"), (tuple(batches), "tuple"), (torch.zeros(3), "Tensor"), (None, "NoneType"),
+                     (nn.Linear(2, 2), "Linear")):
+        with pytest.raises(TypeError, match=rf"train_batches: expected a callable epoch -> that epoch's batches .*got "
+                                            rf"a {got}") as e:
+            check_batches_fn(bad)
+        assert ("lambda epoch: train_batches" in str(e.value)) == (got in ("list", "tuple", "Tensor"))
+    model = am.llama()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match="batches: expected a callable .* got a list"):
+        finetune(model, batches, _lm_loss, FinetuneConfig(epochs=1))
+    with pytest.raises(TypeError, match="loss_fn: expected a callable"):
+        finetune(model, lambda epoch: batches, "ce", FinetuneConfig(epochs=1))
+    assert all(torch.equal(p, q) for p, q in zip(before, model.parameters(), strict=True))  # nothing trained
+
+
+@pytest.mark.parametrize("field,value,exc,words", [
+    ("optimizer", "rmsprop", ValueError, "expected one of adam, adamw, sgd, got 'rmsprop'"),
+    ("schedule", "linear", ValueError, "expected one of cosine, constant, got 'linear'"),
+    ("lr", 0, ValueError, "expected a number > 0, got 0"),
+    ("lr", "fast", TypeError, "expected a number > 0, got str 'fast'"),
+    ("lr", math.nan, ValueError, "expected a number > 0, got nan"),
+    ("epochs", -1, ValueError, "expected an integer >= 0, got -1"),
+    ("epochs", 2.0, TypeError, "expected an integer >= 0, got float 2.0"),
+    ("steps", 0, ValueError, "expected None or an integer >= 1, got 0"),
+    ("weight_decay", -0.1, ValueError, "expected a number >= 0, got -0.1"),
+    ("weight_decay", "0", TypeError, "expected a number >= 0, got str '0'"),
+    ("momentum", 1.0, ValueError, "expected a number in [0, 1), got 1.0"),
+    ("grad_clip", 0, ValueError, "expected None or a number > 0, got 0"),
+    ("temperature", True, TypeError, "expected a number > 0, got bool True"),
+    ("kd_alpha", 1.5, ValueError, "expected a number in [0, 1], got 1.5"),
+])
+def test_finetune_config_names_the_field_what_it_expected_and_what_came(field, value, exc, words):
+    with pytest.raises(exc) as e:
+        FinetuneConfig(**{field: value})
+    assert str(e.value) == f"FinetuneConfig.{field}: {words}"

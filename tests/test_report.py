@@ -125,3 +125,28 @@ def test_cli_progress_flag_forces_bars_and_quiet_silences_them(tmp_path, capsys,
     assert rep["environment"]["command"] == "spectra " + " ".join([*argv, "--out", str(tmp_path / "b"), "--quiet"])
     assert rep["uniform_widths"] is False  # a plain model keeps free widths
     assert "load_pruned" in rep["saved_model"]["loader"]
+
+
+@pytest.mark.parametrize("content,what", [('{"model": "digits-mlp", "epr": 0.3', "not valid JSON"),
+                                          ("", "not valid JSON"), ("[1, 2]", "expected a JSON object, got a JSON list"),
+                                          (b"\xff\xfe{}", "not UTF-8")])
+def test_a_damaged_report_json_gives_one_line_naming_the_file_the_damage_and_the_way_out(tmp_path, content, what):
+    p = tmp_path / "report.json"
+    p.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError) as e:
+        report.load_report(tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg and str(p) in msg and "damaged" in msg and what in msg
+    assert "delete it and rerun the run without --resume" in msg
+    with pytest.raises(ValueError, match="damaged"):
+        report.render(tmp_path)
+
+
+def test_load_report_names_a_missing_directory_or_file(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        report.load_report(tmp_path / "nowhere")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match="is not a directory"):
+        report.load_report(tmp_path / "f")
+    with pytest.raises(ValueError, match="holding report.json, got .*, which has none"):
+        report.load_report(tmp_path)

@@ -154,4 +154,111 @@ def test_tensor_tree_codec_round_trips_an_optimiser_state():
 def test_run_state_rejects_unknown_fields():
     with pytest.raises(ValueError, match="run-state fields"):
         RunState.from_json({"config": {}}, None)
-    assert run_store.PHASES == ("prune", "finetune", "done")
+    assert run_store.PHASES == ("prune", "compensate", "finetune", "done")
+
+
+# ---- resume semantics, leaving nothing behind, the resume notice --------------------------------------------
+def _tiny_state(**kw):
+    return RunState(config={"target": 0.3, "finetune": {"epochs": 2}}, widths_before={"0": 6},
+                    kinds_by_group={"0": "neuron"}, min_keep={"0": 1}, params_before=44, params_prunable_before=44,
+                    **kw)
+
+
+def _tiny_round(epr):
+    from spectra_gpu.rounds import RoundRecord
+
+    return RoundRecord(round=1, params=40, epr=epr, removed={"0": 1}, removed_units={"0": [2]}, widths={"0": 5},
+                       seconds_capture=0.0, seconds_scoring=0.0, lambda_1={}, dead_units={})
+
+
+def test_resume_where_there_is_no_run_is_refused_and_creates_nothing(tmp_path):
+    missing = tmp_path / "a" / "b"
+    with pytest.raises(ValueError, match=r"nothing to resume in .*b.*does not exist; run without --resume"):
+        run_store.RunStore(missing, resume=True)
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match=rf"nothing to resume in .*empty.*no {CHECKPOINT} and no report.json; run "
+                                         "without --resume to start a new run"):
+        run_store.RunStore(tmp_path / "empty", resume=True)
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == ["notes.txt"]
+
+
+def test_a_refused_directory_that_was_created_is_removed_again(tmp_path, monkeypatch):
+    def no_write(self, data):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(run_store.Path, "write_bytes", no_write)
+    with pytest.raises(OSError, match="cannot write to"):
+        run_store.prepare_run_dir(tmp_path / "x" / "y", resume=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_score_runs_are_refused_without_suggesting_resume(tmp_path):
+    (tmp_path / "report.json").write_text("{}")
+    with pytest.raises(ValueError, match="already holds a run; pass resume=True"):
+        run_store.prepare_run_dir(tmp_path, resume=False)
+    with pytest.raises(ValueError, match="already holds a run; choose another directory") as e:
+        run_store.prepare_run_dir(tmp_path, resume=False, resumable=False)
+    assert "resume" not in str(e.value)
+
+
+def test_discard_removes_what_a_new_run_created_and_nothing_else(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    store = run_store.RunStore(tmp_path / "new" / "run")
+    assert store.created == tmp_path / "new"
+    store.save_checkpoint(_tiny_state(), model)
+    (store.out / ".checkpoint.safetensors.abc.tmp").write_bytes(b"half")
+    store.discard()
+    assert not (tmp_path / "new").exists()  # the directory and the parent it created
+    # a directory the user made: emptied of the run's files, kept
+    (tmp_path / "mine").mkdir()
+    store = run_store.RunStore(tmp_path / "mine")
+    assert store.created is None
+    store.save_checkpoint(_tiny_state(), model)
+    store.discard()
+    assert (tmp_path / "mine").is_dir() and not list((tmp_path / "mine").iterdir())
+    # someone else's file in a directory the store created: the file and the directory stay
+    store = run_store.RunStore(tmp_path / "shared")
+    store.save_checkpoint(_tiny_state(), model)
+    (store.out / "theirs.txt").write_text("x")
+    store.discard()
+    assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == ["theirs.txt"]
+
+
+def test_discard_never_touches_a_resumed_run(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    run_store.RunStore(tmp_path).save_checkpoint(_tiny_state(), model)
+    store = run_store.RunStore(tmp_path, resume=True)
+    store.discard()
+    assert store.load_checkpoint() is not None
+
+
+def test_resume_removes_the_temp_files_a_killed_process_left(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    run_store.RunStore(tmp_path).save_checkpoint(_tiny_state(), model)
+    (tmp_path / ".checkpoint.safetensors.x1y2.tmp").write_bytes(b"half")
+    (tmp_path / ".report.json.q.tmp").write_bytes(b"{")
+    (tmp_path / ".model.k1ll3d").mkdir()
+    (tmp_path / ".model.k1ll3d" / "model.safetensors").write_bytes(b"half")
+    (tmp_path / "notes.tmp").write_text("the user's")
+    run_store.RunStore(tmp_path, resume=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT, "notes.tmp"]
+
+
+def test_resume_note_says_what_the_resume_continues_from(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    run_store.RunStore(tmp_path).save_checkpoint(_tiny_state(), model)
+    store = run_store.RunStore(tmp_path, resume=True)
+    assert store.resume_note(_tiny_state()) == f"resuming {tmp_path}: 0 pruning rounds done; starting the first round"
+    st = _tiny_state(rounds=[_tiny_round(0.0909)])
+    assert store.resume_note(st) == (f"resuming {tmp_path}: 1 pruning round done (EPR 0.0909, target 0.3); "
+                                     "continuing with round 2")
+    st.phase = "compensate"
+    assert store.resume_note(st).endswith("; continuing with the compensation")
+    st.phase = "finetune"
+    assert store.resume_note(st).endswith("; starting the fine-tune")
+    st.finetune_state = {"epoch": 1}
+    assert store.resume_note(st).endswith("; fine-tune epoch 1/2 done, continuing with epoch 2")
+    st.phase = "done"
+    assert store.resume_note(st).endswith("; the run finished; writing the outputs that are missing")

@@ -288,3 +288,31 @@ def test_moments_mode_keeps_no_gram_and_score_refuses_it():
     torch.testing.assert_close(mo.nnz_post, ex.nnz_post)
     with pytest.raises(ValueError, match="mode 'moments'"):
         sg.score(mo)
+
+
+def test_k_or_num_eigs_at_or_above_n_raises_instead_of_clamping():
+    pre, post = relu_layer(5, 50)
+    with pytest.raises(ValueError, match=r"k: expected fewer neighbours than the layer's N=5 units \(1 <= k < 5\), "
+                                         r"got k=5"):
+        sg.score(pre, post, k=5)
+    with pytest.raises(ValueError, match="got k=100000"):
+        sg.score(pre, post, k=100000)
+    with pytest.raises(ValueError, match=r"num_eigs: expected fewer eigenpairs than the layer's N=5 units "
+                                         r"\(1 <= num_eigs < 5\) or 'full', got num_eigs=5"):
+        sg.score(pre, post, num_eigs=5)
+    st = sg.SignalStats(5)
+    st.update(pre, post)
+    with pytest.raises(ValueError, match="got num_eigs=10000"):
+        sg.score(st, num_eigs=10000)
+    with pytest.raises(ValueError, match="got k=5"):
+        sg.score(st, k=5)
+
+
+def test_explicit_k_and_num_eigs_in_range_give_the_results_of_the_defaults_bit_for_bit():
+    pre, post = relu_layer(5, 50)
+    a, b = sg.score(pre, post), sg.score(pre, post, k=4, num_eigs=4)
+    assert torch.equal(a.scores, b.scores) and torch.equal(a.eigenvalues, b.eigenvalues)
+    pre, post = relu_layer(40, 80, seed=3)
+    a, b = sg.score(pre, post), sg.score(pre, post, k=10, num_eigs=32)
+    assert torch.equal(a.scores, b.scores) and torch.equal(a.neighbors, b.neighbors)
+    assert a.diagnostics["k"] == 10 and a.diagnostics["num_eigs"] == 32

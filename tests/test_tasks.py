@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spectra_gpu.builtin import tasks
+from spectra_gpu.builtin import tasks, text
 from spectra_gpu.builtin.tasks import MLP, load_task
 
 
@@ -79,7 +79,7 @@ def test_lm_loss_ignores_padding_and_perplexity_is_exp_mean_nll():
     ref = torch.stack(nll).mean().detach()
     batch = {"input_ids": ids, "attention_mask": mask}
     assert torch.allclose(tasks.lm_loss(m, batch), ref)
-    assert tasks.perplexity(m, [batch]) == pytest.approx(math.exp(float(ref)), rel=1e-5)
+    assert text.perplexity(m, [batch]) == pytest.approx(math.exp(float(ref)), rel=1e-5)
 
 
 def test_saved_state_dict_of_a_builtin_architecture_runs_on_image_data(digits, tmp_path):
@@ -177,9 +177,33 @@ def test_pruned_minilm_classifier_folder_reloads_with_the_bundled_encoder(tmp_pa
 
 
 @pytest.mark.slow
-def test_smollm2_hamlet_perplexity_is_finite_and_sane():
-    t = tasks._lm_task("smollm2-text", None, None, 0, 0.0, n_calib=2, n_train=2, n_test=2)
+def test_smollm2_english_text_task_perplexity_equals_plain_transformers():
+    """The task's metric on its held-out sequences equals plain transformers on the same tokens (each sequence
+    alone, labels = inputs); SmolLM2's tokenizer adds no BOS to running text, so neither does the task."""
+    t = tasks._lm_task("smollm2-text", None, None, 0, 0.0, n_calib=2, n_train=2, eval_every=100)
     ppl = t.evaluate(t.model)
     assert 1.0 < ppl < 500.0
     assert t.calib[0]["input_ids"].shape == (2, 128)
-    assert "Hamlet" in t.info
+    assert "Hamlet" in t.info and "held-out evaluation" in t.info
+    tok = t.extra["tokenizer"]
+    assert text.expected_bos(tok) is None
+    from spectra_gpu.builtin import zoo
+
+    seqs = text.token_sequences(tok, zoo.english_corpus().evaluation, 128, bos=None)[::100]
+    with torch.no_grad():
+        losses = [float(t.model(input_ids=s[None], labels=s[None]).loss) for s in seqs]
+    assert ppl == pytest.approx(math.exp(sum(losses) / len(losses)), rel=1e-4)
+
+
+def test_expected_bos_follows_the_tokenizer_s_own_encoding():
+    class Tok:
+        bos_token_id = 7
+
+        def __init__(self, adds: bool) -> None:
+            self.adds = adds
+
+        def __call__(self, s: str) -> dict[str, list[int]]:
+            return {"input_ids": ([7] if self.adds else []) + [ord(c) for c in s]}
+
+    assert text.expected_bos(Tok(True)) == 7
+    assert text.expected_bos(Tok(False)) is None

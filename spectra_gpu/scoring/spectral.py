@@ -33,6 +33,8 @@ DEAD_NONZERO_FRAC = 1e-3  # non-zero on < 0.1% of samples -> dead
 # dense generalized eigh up to here, LOBPCG beyond. Measured (2 cores, M=2048 ReLU layer, s=32): eigen stage
 # dense / LOBPCG = 0.04 / 0.12 s at N=512, 0.11 / 0.16 s at 768, 0.28 / 0.22 s at 1024, 0.98 / 0.29 s at 1536
 DENSE_MAX_N = 800
+DEFAULT_K = 10  # neighbours per unit when k is not given (capped at N_alive - 1)
+DEFAULT_NUM_EIGS = 32  # eigenpairs when num_eigs is not given (capped at N_alive - 1)
 
 
 @dataclass(frozen=True)
@@ -205,7 +207,8 @@ def _duplicates(kx: KnnGraph, ky: KnnGraph, units: torch.Tensor, dtype: torch.dt
     return sorted((int(units[a]), int(units[b])) for a, b in out)
 
 
-def score(pre: Any, post: Any = None, *, k: int = 10, num_eigs: int | str = 32, direction: str = "fwd",
+def score(pre: Any, post: Any = None, *, k: int | None = None, num_eigs: int | str | None = None,
+          direction: str = "fwd",
           preprocess: str = "zscore", backend: str | None = None, weighted: bool = False,
           dead_filter: bool = True, solver: str = "auto", tol: float = 1e-6, maxiter: int = 1000,
           seed: int = 0) -> ScoreResult:
@@ -214,8 +217,10 @@ def score(pre: Any, post: Any = None, *, k: int = 10, num_eigs: int | str = 32, 
     pre, post: [N units, M samples] pre- and post-activation signals (torch tensors or numpy arrays;
       float32/float64; float16/bfloat16 are upcast to float32), or ``pre`` a :class:`SignalStats` that
       accumulated them (then ``post`` is omitted).
-    k: neighbours per unit (capped at N_alive - 1). num_eigs: eigenpairs s (capped at N_alive - 1), or
-      'full' for the effective-resistance limit. direction: 'fwd' (L_Y^+ L_X, SPADE), 'rev' (swapped) or
+    k: neighbours per unit, 1 <= k < N (default min(10, N_alive - 1)). num_eigs: eigenpairs s,
+      1 <= s < N (default min(32, N_alive - 1)), or 'full' for the effective-resistance limit. A k or s
+      outside these ranges raises ValueError; one in range is capped at N_alive - 1 when the dead-unit filter
+      leaves fewer units. direction: 'fwd' (L_Y^+ L_X, SPADE), 'rev' (swapped) or
       'sym' (fwd/max + rev/max). preprocess: 'zscore' (default: correlation distance), 'center', 'raw'.
     weighted: exp(-d^2/sigma^2) edge weights instead of unit weights. solver: 'auto' (dense for
       N <= 800, LOBPCG above), 'dense' or 'lobpcg'. backend: 'torch' or 'triton' for the kNN, graph,
@@ -239,7 +244,7 @@ def score(pre: Any, post: Any = None, *, k: int = 10, num_eigs: int | str = 32, 
         n, m = stats.n, stats.m
         _, std_pre = stats.mean_std("pre")  # raises first if no batch was added
         _, std_post = stats.mean_std("post")
-        check_sizes(n, m, None, num_eigs)
+        check_sizes(n, m, None, DEFAULT_NUM_EIGS if num_eigs is None else num_eigs)
         nnz_post = stats.nnz_post
         device = stats.device
     else:
@@ -248,7 +253,7 @@ def score(pre: Any, post: Any = None, *, k: int = 10, num_eigs: int | str = 32, 
         pre, post = as_signal(pre, "pre"), as_signal(post, "post")
         check_pair(pre, post)
         n, m = pre.shape
-        check_sizes(n, m, None, num_eigs)
+        check_sizes(n, m, None, DEFAULT_NUM_EIGS if num_eigs is None else num_eigs)
         check_finite(pre, "pre")
         check_finite(post, "post")
         if pre.dtype != post.dtype:
@@ -257,8 +262,13 @@ def score(pre: Any, post: Any = None, *, k: int = 10, num_eigs: int | str = 32, 
         cen_pre, std_pre = _centered(pre)
         cen_post, std_post = _centered(post)
         nnz_post = (post != 0).sum(dim=1, dtype=torch.int32)  # int64 sums of bools are 2x slower
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise ValueError(f"k: expected an int >= 1, got {k!r}")
+    if k is not None and k >= n:
+        raise ValueError(f"k: expected fewer neighbours than the layer's N={n} units (1 <= k < {n}), got k={k}")
+    if isinstance(num_eigs, int) and not isinstance(num_eigs, bool) and num_eigs >= n:
+        raise ValueError(f"num_eigs: expected fewer eigenpairs than the layer's N={n} units (1 <= num_eigs < {n}) "
+                         f"or 'full', got num_eigs={num_eigs}")
     if isinstance(tol, bool) or not tol > 0:
         raise ValueError(f"tol: expected a positive float, got {tol!r}")
 
@@ -271,8 +281,9 @@ def score(pre: Any, post: Any = None, *, k: int = 10, num_eigs: int | str = 32, 
     if na < 3:
         raise ValueError(f"expected at least 3 alive units after the dead-unit filter, got {na} of {n} "
                          "(pass dead_filter=False to score constant units too)")
-    k_eff = min(k, na - 1)
-    s_eff: int | str = num_eigs if num_eigs == "full" else min(int(num_eigs), na - 1)
+    k_eff = min(DEFAULT_K if k is None else k, na - 1)
+    s_eff: int | str = num_eigs if num_eigs == "full" else min(
+        DEFAULT_NUM_EIGS if num_eigs is None else int(num_eigs), na - 1)
     diag.update(k=k_eff, num_eigs=s_eff, n_units=n, n_alive=na, n_samples=m, direction=direction,
                 preprocess=preprocess, weighted=weighted)
     timings["validate"] = time.perf_counter() - t_start
