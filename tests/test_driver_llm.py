@@ -213,3 +213,49 @@ def test_sequential_score_under_torchrun_writes_the_same_files(tmp_path):
         assert torch.equal(a["neighbors"], b["neighbors"]) if a["neighbors"] is not None else b["neighbors"] is None
     rep = json.loads((tmp_path / "B" / "report.json").read_text())
     assert rep["sequential"] is True and rep["ranks"] == 2
+
+
+# ---- arguments checked before work -----------------------------------------------------------------------------
+def _mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 24), torch.nn.ReLU(), torch.nn.Linear(24, 3))
+
+
+def _xs(n: int = 4) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(32, 6, generator=g) for _ in range(n)]
+
+
+def test_a_tensor_as_calibration_is_refused_and_inplace_false_prunes_a_copy():
+    cfg = PruneConfig(target=0.2, scorer="l1", finetune=FinetuneConfig(epochs=0))
+    with pytest.raises(TypeError, match="calib: expected a sequence of batches.*got a Tensor"):
+        prune(_mlp(), torch.randn(64, 6), cfg)
+    model = _mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = prune(model, _xs(), cfg, inplace=False)
+    assert res.model is not model and res.report["params_after"] < res.report["params_before"]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    res = prune(model, _xs(), cfg)  # the default: in place
+    assert res.model is model and model[0].out_features < 24
+
+
+def test_a_skipped_fine_tune_warns_and_repairs_are_counted_once():
+    with pytest.warns(UserWarning, match="no train_batches: the recovery fine-tune .* is skipped"):
+        prune(_mlp(), _xs(), PruneConfig(target=0.2, scorer="l1"))
+    # duplicated units make disconnected kNN graphs: the MST repair fires in every round, one summary warning
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(6, 24), torch.nn.ReLU(), torch.nn.Linear(24, 3))
+    with torch.no_grad():
+        m[0].weight[12:] = m[0].weight[:12]
+        m[0].bias[12:] = m[0].bias[:12]
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rep = prune(m, _xs(), PruneConfig(target=0.3, scorer="spectral", scorer_options={"k": 3},
+                                          finetune=FinetuneConfig(epochs=0))).report
+    from spectra_gpu.errors import NumericalWarning
+
+    numerical = [w for w in caught if issubclass(w.category, NumericalWarning)]
+    assert rep["numerical_repairs"] and sum(rep["numerical_repairs"].values()) >= 1
+    assert len(numerical) == 1 and "numerical repairs during the run" in str(numerical[0].message)
