@@ -187,8 +187,12 @@ def _print_summary(r: dict[str, Any], seconds: float, out: str | None) -> None:
     comp = (f" | after compensation {f(r['metric_after_compensation'])}" if r.get("compensation") else "")
     print(f"  {m}: before {f(r['metric_before'])} | after pruning {f(r['metric_after_prune'])}{comp} | "
           f"after fine-tune {f(r['metric_after_finetune'])}")
-    print(f"  time: scoring {r['seconds_scoring']:.1f} s, pruning run {r['seconds_total']:.1f} s, "
-          f"all (incl. model/data setup) {seconds:.1f} s")
+    if r.get("environment", {}).get("resumed"):
+        print(f"  time: scoring {r['seconds_scoring']:.1f} s, pruning run {r['seconds_total']:.1f} s over all its "
+              f"sessions (resumed); this command {seconds:.1f} s incl. model/data setup")
+    else:
+        print(f"  time: scoring {r['seconds_scoring']:.1f} s, pruning run {r['seconds_total']:.1f} s, "
+              f"all (incl. model/data setup) {seconds:.1f} s")
     if out is not None:
         model_dir = Path(out) / "model"
         if model_dir.is_dir():
