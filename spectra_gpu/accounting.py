@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .capture import default_forward
+from .families import base_of, is_conv1d
 from .units import UnitGroup, discover_groups
 
 
@@ -69,14 +70,15 @@ def params_after_removal(model: nn.Module, groups: Sequence[UnitGroup], removed:
     keeps (rows - removed rows) x (columns - removed columns) x kernel and its bias (rows - removed rows), with
     the rows and columns summed over every group that edits the module (a layer that is one group's consumer
     and the next group's producer loses both). Equals the count of the sliced model exactly."""
-    cut: dict[int, list[Any]] = {}  # id(module) -> [module, rows removed, columns removed]
+    cut: dict[int, list[Any]] = {}  # id(real module) -> [module, rows removed, columns removed]
     for g in groups:
         n = int(removed.get(g.name, 0))
         if n < 0 or n > g.size:
             raise ValueError(f"removed[{g.name!r}]: expected a count in [0, {g.size}], got {n}")
         if n == 0:
             continue
-        for m, rows, cols in _edits(g, n):
+        for view, rows, cols in _edits(g, n):
+            m = base_of(view)  # fused parts and Conv1D views edit their real module
             entry = cut.setdefault(id(m), [m, 0, 0])
             entry[1] += rows
             entry[2] += cols
@@ -89,9 +91,10 @@ def params_after_removal(model: nn.Module, groups: Sequence[UnitGroup], removed:
                 continue
             seen.add(id(p))
             shape = list(p.shape)
-            shape[0] -= rows
+            out_axis = 1 if is_conv1d(m) and name == "weight" else 0  # Conv1D weights are [in, out]
+            shape[out_axis] -= rows
             if len(shape) > 1:
-                shape[1] -= cols
+                shape[1 - out_axis] -= cols
             saved += p.numel() - math.prod(shape)
     return count_params(model) - saved
 

@@ -57,8 +57,8 @@ def _token_mask(batch: Any) -> Tensor | None:
 
 
 class _Rows:
-    """Turns activations into [m samples, N units] rows: token masks for [B, T, N] tensors, seeded spatial
-    subsampling for [B, C, H, W] ones."""
+    """Turns activations into [m samples, N units] rows: token masks for [B, T, N] tensors (and for [B * T, N]
+    ones whose tokens a model flattened), seeded spatial subsampling for [B, C, H, W] ones."""
 
     def __init__(self, positions_per_image: int | None, seed: int):
         self.keep: Tensor | None = None
@@ -79,6 +79,8 @@ class _Rows:
             return flat.transpose(1, 2).reshape(-1, c)
         if t.dim() >= 3 and self.keep is not None and tuple(t.shape[:-1]) == tuple(self.keep.shape):
             return t[self.keep.to(t.device)]
+        if t.dim() == 2 and self.keep is not None and t.shape[0] == self.keep.numel():
+            return t[self.keep.flatten().to(t.device)]  # tokens already flattened (OPT's FFN): [B * T, N]
         return t.reshape(-1, t.shape[-1])
 
 

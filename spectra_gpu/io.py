@@ -40,6 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .families import family, is_causal_lm, is_conv1d
+from .surgery import set_ffn_width, set_heads
 from .units import UnitGroup, discover_groups
 
 FORMAT_VERSION = 1
@@ -116,7 +118,11 @@ def standard_config(model: nn.Module) -> tuple[Any, str]:
     cfg: Any = copy.deepcopy(_config(model))
     cfg.__dict__.pop("spectra_pruned", None)
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    ffn, why = _uniform([g.size for g in groups if g.kind == "ffn" and g.arch in ("llama", "bert")], "FFN widths")
+    fams = {g.arch for g in groups if g.arch != "plain"}
+    if len(fams) > 1:
+        return None, f"its layers belong to several families ({sorted(fams)})"
+    fields = family(fams.pop()).config if fams else None
+    ffn, why = _uniform([g.size for g in groups if g.kind == "ffn" and g.arch != "plain"], "FFN widths")
     if why:
         return None, why
     heads = [g for g in groups if g.kind == "head" and g.q is not None]
@@ -127,17 +133,19 @@ def standard_config(model: nn.Module) -> tuple[Any, str]:
     if why:
         return None, why
     head_dim, _ = _uniform([g.head_dim for g in heads], "head sizes")
-    bert = [g for g in heads if g.arch == "bert"]
-    if bert and n_q is not None and n_q * bert[0].head_dim != getattr(text, "hidden_size", None):
+    if fields is not None and fields.head_dim is None and n_q is not None and head_dim is not None \
+            and n_q * head_dim != getattr(text, "hidden_size", None):
         return None, (f"{type(model).__name__} derives the head size from hidden_size / num_attention_heads, so its "
-                      f"config cannot describe {n_q} heads of size {bert[0].head_dim}")
-    if ffn is not None:
-        text.intermediate_size = ffn
-    if n_q is not None:
-        text.num_attention_heads = n_q
-    if n_kv is not None:
-        text.num_key_value_heads = n_kv
-        text.head_dim = head_dim  # explicit: hidden_size / num_attention_heads no longer equals it
+                      f"config cannot describe {n_q} heads of size {head_dim}")
+    if fields is not None:
+        if ffn is not None and fields.ffn is not None:
+            setattr(text, fields.ffn, ffn)
+        if n_q is not None and fields.heads is not None:
+            setattr(text, fields.heads, n_q)
+        if n_kv is not None and fields.kv_heads is not None:
+            setattr(text, fields.kv_heads, n_kv)
+        if head_dim is not None and fields.head_dim is not None:
+            setattr(text, fields.head_dim, head_dim)  # explicit: hidden_size / num_attention_heads may differ
     try:
         with torch.device("meta"):
             probe = type(model)(cfg)
@@ -187,6 +195,7 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike[str], tokenizer: 
                 gen.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        _user_modes(tmp)
         _replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -194,11 +203,36 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike[str], tokenizer: 
     return dest
 
 
+def _damaged(path: Path, e: Exception) -> ValueError:
+    """The one-line error for a damaged file of a saved model: which file, what is wrong, what to do."""
+    return ValueError(f"load_pruned: {path} is damaged ({type(e).__name__}: {' '.join(str(e).split())[:160]}); "
+                      "save the model again (rerun the pruning run into a new directory) or restore the folder")
+
+
+def _json_file(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _damaged(path, e) from None
+
+
+def _user_modes(folder: Path) -> None:
+    """Give ``folder`` (made by mkdtemp: 0700) and the files in it the modes the user's umask gives new ones."""
+    from .report import current_umask
+
+    mask = current_umask()
+    folder.chmod(0o777 & ~mask)
+    for p in folder.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def _read_record(d: Path) -> dict[str, Any]:
     path = d / _RECORD
     if path.exists():
-        rec = json.loads(path.read_text())
-    elif (d / "config.json").exists() and "spectra_pruned" in (cfg := json.loads((d / "config.json").read_text())):
+        rec = _json_file(path)
+        if not isinstance(rec, dict):
+            raise _damaged(path, TypeError(f"expected a JSON object, got {type(rec).__name__}"))
+    elif (d / "config.json").exists() and "spectra_pruned" in (cfg := _json_file(d / "config.json")):
         rec = cfg["spectra_pruned"]  # save_pretrained of a model that load_pruned rebuilt
     else:
         raise FileNotFoundError(f"load_pruned: expected {path} (a directory written by spectra_gpu.save_pruned)")
@@ -225,7 +259,8 @@ def loader_hint(directory: str | os.PathLike[str]) -> str:
                 f"model=<a fresh {rec['class_name']}>)")
     if rec.get("standard"):
         name = rec["class_name"]
-        auto = next((f"AutoModel{s}" for s in _AUTO_SUFFIXES if name.endswith(s)), "AutoModel")
+        auto = "AutoModelForCausalLM" if is_causal_lm(name) else next(
+            (f"AutoModel{s}" for s in _AUTO_SUFFIXES if name.endswith(s)), "AutoModel")
         return (f"{d}: standard Hugging Face folder; loads without spectra_gpu: "
                 f"transformers.{auto}.from_pretrained({str(d)!r})")
     why = rec.get("standard_reason") or "saved before standard configs existed"
@@ -254,7 +289,10 @@ def _build_hf(d: Path, rec: dict[str, Any]) -> nn.Module:
 
 def _sync(mod: nn.Module, path: str) -> None:
     """Make a module's size attributes match its (reshaped) tensors."""
-    if isinstance(mod, nn.Linear):
+    if is_conv1d(mod):  # transformers Conv1D (GPT-2): weight [in, out]
+        m: Any = mod
+        m.nx, m.nf = (int(s) for s in m.weight.shape)
+    elif isinstance(mod, nn.Linear):
         mod.out_features, mod.in_features = (int(s) for s in mod.weight.shape)
     elif isinstance(mod, nn.Conv2d):
         mod.out_channels = int(mod.weight.shape[0])
@@ -294,22 +332,12 @@ def _fit_shapes(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
 
 
 def _fix_heads(model: nn.Module) -> None:
-    """Head counts follow the q/k shapes (BERT num_attention_heads/all_head_size, Llama n_rep)."""
+    """Head counts and FFN width attributes follow the reshaped tensors (the family table's attributes)."""
     for g in _groups(model):
-        if g.kind != "head" or g.attn is None or g.q is None or g.k is None:
-            continue
-        hd = g.head_dim
-        heads = g.q.out_features // hd
-        attn: Any = g.attn
-        if g.arch == "bert":
-            attn.num_attention_heads = heads
-            attn.all_head_size = heads * hd
-        elif g.arch == "llama":
-            attn.num_key_value_groups = heads // (g.k.out_features // hd)
-    for m in model.modules():
-        mlp: Any = m
-        if hasattr(mlp, "gate_proj") and hasattr(mlp, "intermediate_size") and isinstance(mlp.gate_proj, nn.Linear):
-            mlp.intermediate_size = mlp.gate_proj.out_features
+        if g.kind == "head" and g.attn is not None:
+            set_heads(g)
+        elif g.kind == "ffn":
+            set_ffn_width(model, g)
 
 
 def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
@@ -328,7 +356,10 @@ def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = Non
     elif not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module or None, got {type(model).__name__}")
     _tie(model)  # so tied names alias one parameter before the (deduplicated) tensors load
-    sd = load_file(str(d / _WEIGHTS))
+    try:
+        sd = load_file(str(d / _WEIGHTS))
+    except Exception as e:  # truncated or not safetensors at all
+        raise _damaged(d / _WEIGHTS, e) from None
     dtypes = Counter(t.dtype for t in sd.values() if t.is_floating_point())
     if dtypes:
         model.to(dtypes.most_common(1)[0][0])

@@ -3,10 +3,12 @@ runs with its normal forward (docs/algorithm.md section 7).
 
 Per unit: the producer rows and biases (both SwiGLU projections), the BatchNorm affine parameters and
 running statistics, the consumer's input columns/channels; for heads the q/k/v rows and the out-projection
-column block, plus the attention module's head counts (BERT ``num_attention_heads``/``all_head_size``,
-Llama ``num_key_value_groups``; RoPE has no per-head parameters and is untouched). The consumer bias stays,
-so removal equals masking (``masking.masked``). New ``nn.Parameter`` objects replace the old ones: build
-optimizers after surgery.
+column block, plus the attention module's head-count attributes named in the family table (families.py:
+BERT ``num_attention_heads``/``all_head_size``, Llama ``num_key_value_groups``, GPT-2 ``num_heads``/
+``split_size``, ...; RoPE and Qwen3/Gemma-3 q_norm/k_norm act per head_dim, so they are untouched). Fused
+projections (GPT-2 ``c_attn``, Phi-3 ``gate_up_proj``) lose the matching rows of every part at once; GPT-2
+``Conv1D`` weights ([in, out]) are sliced on the transposed axes. The consumer bias stays, so removal equals
+masking (``masking.masked``). New ``nn.Parameter`` objects replace the old ones: build optimizers after surgery.
 
 GQA constraint: Hugging Face attention expects num_heads % num_kv_heads == 0 with query heads of a KV group
 contiguous, so query-head removal ("query" units) must take the same number of heads from every KV group
@@ -22,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .families import LinearView, base_of, is_conv1d, out_width, set_head_counts
 from .units import UnitGroup
 
 
@@ -29,24 +32,52 @@ def _param(old: Tensor, new: Tensor) -> nn.Parameter:
     return nn.Parameter(new.detach().clone(), requires_grad=old.requires_grad)
 
 
-def _rows(mod: nn.Linear | nn.Conv2d, keep: Tensor) -> None:
-    """Keep output rows ``keep`` of a Linear/Conv2d (weight and bias)."""
-    mod.weight = _param(mod.weight, mod.weight[keep.to(mod.weight.device)])
+def _base_rows(mod: Any, keep: Tensor) -> None:
+    """Keep output rows ``keep`` of a real Linear / Conv2d / Conv1D (weight and bias)."""
+    w = mod.weight
+    k = keep.to(w.device)
+    mod.weight = _param(w, w[:, k] if is_conv1d(mod) else w[k])
     if mod.bias is not None:
         mod.bias = _param(mod.bias, mod.bias[keep.to(mod.bias.device)])
-    if isinstance(mod, nn.Linear):
+    if is_conv1d(mod):
+        mod.nf = int(mod.weight.shape[1])
+    elif isinstance(mod, nn.Linear):
         mod.out_features = int(mod.weight.shape[0])
     elif isinstance(mod, nn.Conv2d):
         mod.out_channels = int(mod.weight.shape[0])
 
 
-def _cols(mod: nn.Linear | nn.Conv2d, keep: Tensor) -> None:
-    """Keep input columns (Linear) / channels (Conv2d) ``keep``."""
-    mod.weight = _param(mod.weight, mod.weight[:, keep.to(mod.weight.device)])
-    if isinstance(mod, nn.Linear):
-        mod.in_features = int(mod.weight.shape[1])
-    elif isinstance(mod, nn.Conv2d):
-        mod.in_channels = int(mod.weight.shape[1]) * mod.groups
+def _rows(*edits: tuple[nn.Module, Tensor]) -> None:
+    """Keep output rows ``keep`` of each (module, keep) pair, where a module may be a LinearView on part of a
+    fused projection: every part's rows are translated to the base before any base is sliced, so several parts
+    of one base are cut in one go."""
+    plan: dict[int, tuple[nn.Module, Tensor]] = {}
+    for mod, keep in edits:
+        base = base_of(mod)
+        if id(base) not in plan:
+            plan[id(base)] = (base, torch.ones(out_width(base) if isinstance(mod, LinearView)
+                                               else int(base.weight.shape[0]), dtype=torch.bool))  # type: ignore[index]
+        mask = plan[id(base)][1]
+        rows = mod.rows if isinstance(mod, LinearView) else slice(0, mask.numel())
+        mask[rows] = False
+        mask[rows.start + keep.cpu()] = True
+    for base, mask in plan.values():
+        _base_rows(base, mask.nonzero().flatten())
+
+
+def _cols(mod: nn.Module, keep: Tensor) -> None:
+    """Keep input columns (Linear, Conv1D: weight rows) / channels (Conv2d) ``keep``."""
+    m: Any = base_of(mod)
+    k = keep.to(m.weight.device)
+    if is_conv1d(m):
+        m.weight = _param(m.weight, m.weight[k])
+        m.nx = int(m.weight.shape[0])
+        return
+    m.weight = _param(m.weight, m.weight[:, k])
+    if isinstance(m, nn.Linear):
+        m.in_features = int(m.weight.shape[1])
+    elif isinstance(m, nn.Conv2d):
+        m.in_channels = int(m.weight.shape[1]) * m.groups
 
 
 def _norm(bn: nn.modules.batchnorm._BatchNorm, keep: Tensor) -> None:
@@ -103,7 +134,7 @@ def remove_units(model: nn.Module, group: UnitGroup, idx: Any) -> Tensor:
     t = check_indices(group, idx)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    if not any(m is group.consumer for m in model.modules()):
+    if not any(m is base_of(group.consumer) for m in model.modules()):
         raise ValueError(f"group {group.name!r} does not belong to this model (its consumer is not a submodule)")
     n = group.size
     mask = torch.ones(n, dtype=torch.bool)
@@ -114,15 +145,25 @@ def remove_units(model: nn.Module, group: UnitGroup, idx: Any) -> Tensor:
     if group.kind == "head":
         _remove_heads(group, keep)
         return keep
-    for p in group.producers:
-        _rows(p, keep)
+    cols = _consumer_cols(group, keep, n)
+    _rows(*((p, keep) for p in group.producers))
     if group.norm is not None:
         _norm(group.norm, keep)
-    _cols(group.consumer, _consumer_cols(group, keep, n))
-    owner = _owner(model, group)
-    if group.arch == "llama" and hasattr(owner, "intermediate_size"):
-        setattr(owner, "intermediate_size", int(keep.numel()))  # noqa: B010 (nn.Module.__setattr__ is typed for tensors)
+    _cols(group.consumer, cols)
+    set_ffn_width(model, group)
     return keep
+
+
+def set_ffn_width(model: nn.Module, group: UnitGroup) -> None:
+    """Write a family FFN's width attributes (the family table's ``width_attrs``, e.g. Llama MLP
+    ``intermediate_size``) on the module holding the consumer, from the group's current size."""
+    attrs = getattr(group.roles, "width_attrs", ())
+    if group.kind != "ffn" or not attrs:
+        return
+    owner = _owner(model, group)
+    for a in attrs:
+        if isinstance(getattr(owner, a, None), int):
+            setattr(owner, a, int(group.size))
 
 
 def _consumer_cols(group: UnitGroup, keep: Tensor, n_before: int) -> Tensor:
@@ -134,8 +175,9 @@ def _consumer_cols(group: UnitGroup, keep: Tensor, n_before: int) -> Tensor:
 
 def _owner(model: nn.Module, group: UnitGroup) -> nn.Module:
     """The module holding the group's consumer as a direct child (Llama: the MLP)."""
+    consumer = base_of(group.consumer)
     for m in model.modules():
-        if any(c is group.consumer for c in m.children()):
+        if any(c is consumer for c in m.children()):
             return m
     return model
 
@@ -145,24 +187,24 @@ def _remove_heads(g: UnitGroup, keep: Tensor) -> None:
     hd, r = g.head_dim, g.n_rep
     if g.unit == "head":  # MHA: every head owns its q, k, v rows
         rows = _blocks(keep, hd)
-        for m in (g.q, g.k, g.v):
-            _rows(m, rows)
+        _rows((g.q, rows), (g.k, rows), (g.v, rows))
         _cols(g.consumer, rows)
-        if g.arch == "bert":
-            g.attn.num_attention_heads = int(keep.numel())
-            g.attn.all_head_size = int(keep.numel()) * hd
-        return
-    if g.unit == "kv":
+    elif g.unit == "kv":
         kv_rows = _blocks(keep, hd)
         q_rows = _blocks(keep, r * hd)
-        _rows(g.k, kv_rows)
-        _rows(g.v, kv_rows)
-        _rows(g.q, q_rows)
+        _rows((g.q, q_rows), (g.k, kv_rows), (g.v, kv_rows))
         _cols(g.consumer, q_rows)
+    else:  # "query": equal counts per KV group (checked), so the kept heads stay grouped and contiguous
+        q_rows = _blocks(keep, hd)
+        _rows((g.q, q_rows))
+        _cols(g.consumer, q_rows)
+    set_heads(g)
+
+
+def set_heads(g: UnitGroup) -> None:
+    """Write the attention module's head-count attributes (family table) from the group's q / k shapes."""
+    assert g.attn is not None and g.q is not None and g.k is not None
+    if g.roles is None:
         return
-    # "query": equal counts per KV group (checked), so the kept heads stay grouped and contiguous
-    q_rows = _blocks(keep, hd)
-    _rows(g.q, q_rows)
-    _cols(g.consumer, q_rows)
-    kv = int(g.k.out_features) // hd
-    g.attn.num_key_value_groups = int(keep.numel()) // kv
+    hd = g.head_dim
+    set_head_counts(g.roles, g.attn, int(g.q.out_features) // hd, int(g.k.out_features) // hd, hd)

@@ -7,18 +7,20 @@ A group is a set of N units that are removed together with everything attached t
 | --- | --- | --- | --- | --- |
 | neuron | Linear | BatchNorm1d | Linear columns | BN (or Linear) out, act(Z) |
 | channel | Conv2d filters | BatchNorm2d | Conv2d in-channels, or H*W flattened Linear columns | same, per position |
-| ffn (BERT) | intermediate.dense | - | output.dense columns | dense out, GELU(Z) |
-| ffn (Llama) | gate_proj + up_proj | - | down_proj columns | gate out, down_proj input |
+| ffn (BERT, GPT-2, OPT) | intermediate.dense, c_fc, fc1 | - | output.dense, c_proj, fc2 columns | out, act(Z) |
+| ffn (gated: Llama, Phi-3) | gate_proj + up_proj (Phi-3: gate_up_proj halves) | - | down_proj columns | gate, down in |
 | head | q/k/v rows of the head | - | out-projection columns | residual writes (capture.py) |
 | stream | writers' output channels | LayerNorm/BatchNorm channels | readers' input channels | a write, the next read |
 
 Every unit is a contiguous slice of the consumer's input (``cols_per_unit`` columns / channels): zeroing that
 slice is what ``masked`` does and what physical removal must equal.
 
-Discovery: BERT-like layers (``attention.self.query/key/value``, ``attention.output.dense``,
-``intermediate.dense``, ``output.dense``) and Llama-like layers (``gate_proj/up_proj/down_proj``,
-``q_proj/k_proj/v_proj/o_proj`` with ``head_dim`` and ``num_key_value_groups``) are recognised by structure,
-so RoBERTa/Mistral/Qwen2-style copies work too. Plain MLPs/CNNs/ResNets are found on a ``torch.fx`` trace:
+Discovery: transformer layers are matched against the family table in ``families.py`` (one entry per family:
+Llama-like, Phi-3, GPT-2, OPT, BERT-like, DistilBERT, ViT; module paths to unit roles), by structure, so copies
+of a listed layout under another name work too. A model whose ``config.model_type`` is listed is matched
+against its own family only. A family part that is not covered (Phi-3 heads) is said once in a warning; a
+model with nothing discoverable gets one error line naming the detected family and a ``declare_group`` example.
+Plain MLPs/CNNs/ResNets are found on a ``torch.fx`` trace:
 Linear|Conv2d -> (BatchNorm) -> activation -> (dropout | pooling | flatten) -> Linear|Conv2d, with every
 intermediate value used once, so residual-stream channels (summed with a skip connection) are never units
 and only ResNet block-internal channels (BasicBlock conv1, Bottleneck conv1/conv2) are found.
@@ -28,7 +30,7 @@ hidden size of BERT or Llama) are never discovered, since the stream is summed w
 that knows the coupling (the Torch-Pruning adapter) declares them. Z = what a writer module adds to the stream,
 A = the stream as the next reader module takes it in (after the add, the activation or the LayerNorm).
 
-Grouped-query attention (Llama): ``gqa="query"`` makes each query head a unit; removals must take the same
+Grouped-query attention (llama-like families): ``gqa="query"`` makes each query head a unit; removals must take the same
 number of heads from every KV group (HF attention needs uniform groups), see ``UnitGroup.balanced``.
 ``gqa="kv"`` makes each KV group (its k/v rows and all its query heads) one unit. With one query head per
 KV group the two coincide and the group uses KV units.
@@ -36,14 +38,31 @@ KV group the two coincide and the group uses KV units.
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .families import (
+    FAMILIES,
+    AttnRoles,
+    Family,
+    FfnRoles,
+    LinearView,
+    attr_at,
+    base_of,
+    coverage_line,
+    declare_example,
+    family_of,
+    head_dim_of,
+    is_conv1d,
+    resolve,
+)
 
 KINDS = ("neuron", "channel", "ffn", "head")
 GQA_MODES = ("query", "kv")
@@ -78,25 +97,33 @@ class UnitGroup:
     consumer: nn.Linear | nn.Conv2d
     norm: nn.modules.batchnorm._BatchNorm | None = None
     act: Callable[[Tensor], Tensor] | None = None
-    arch: str = "plain"  # "plain" | "bert" | "llama"
+    arch: str = "plain"  # "plain", or the name of the transformer family (families.py) the group was found in
     unit: str = "unit"  # "unit"; heads: "head" (MHA), "query" or "kv" (GQA)
     attn: Any = None  # a Hugging Face attention module (its head-count attributes are edited by surgery)
     q: nn.Linear | None = None
     k: nn.Linear | None = None
     v: nn.Linear | None = None
     paths: dict[str, str] = field(default_factory=dict)
+    roles: Any = None  # the families.FfnRoles / AttnRoles the group was matched with (None: plain or declared)
 
     # ---- widths, recomputed from the modules on every call ----------------------------------------------
     @property
     def head_dim(self) -> int:
         if self.attn is None:
             raise ValueError(f"group {self.name!r}: head_dim is defined for head groups only, got kind {self.kind!r}")
-        return int(self.attn.head_dim if self.arch == "llama" else self.attn.attention_head_size)
+        hd = head_dim_of(self.roles, self.attn)
+        if hd is None:
+            raise ValueError(f"group {self.name!r}: its attention module has no positive int "
+                             f"{self.roles.head_dim_attr!r}")
+        return hd
 
     @property
     def n_rep(self) -> int:
-        """Query heads per KV group (1 for BERT)."""
-        return int(self.attn.num_key_value_groups) if self.arch == "llama" else 1
+        """Query heads per KV group, from the q / k shapes (1 without grouped-query attention)."""
+        if self.kind != "head":
+            return 1
+        assert self.q is not None and self.k is not None
+        return int(self.q.out_features) // int(self.k.out_features)
 
     @property
     def size(self) -> int:
@@ -116,15 +143,17 @@ class UnitGroup:
 
     @property
     def kv_heads(self) -> int | None:
-        """Llama KV heads (None for other groups)."""
-        if self.arch != "llama" or self.kind != "head":
+        """KV heads of a family with grouped-query attention (llama-like); None for other groups."""
+        if self.kind != "head" or not getattr(self.roles, "gqa", False):
             return None
         assert self.k is not None
         return self.k.out_features // self.head_dim
 
     def modules(self) -> list[nn.Module]:
-        """Every module this group's surgery edits (for prunable-parameter accounting)."""
-        mods = [*self.producers, self.consumer, *(m for m in (self.norm, self.q, self.k, self.v) if m is not None)]
+        """Every module this group's surgery edits (for prunable-parameter accounting); the real modules behind
+        fused / Conv1D views (families.LinearView)."""
+        mods = [base_of(m) for m in (*self.producers, self.consumer, self.norm, self.q, self.k, self.v)
+                if m is not None]
         seen: dict[int, nn.Module] = {}
         for m in mods:
             seen.setdefault(id(m), m)
@@ -205,66 +234,70 @@ class UnitGroup:
         return f"UnitGroup(name={self.name!r}, kind={self.kind!r}, size={self.size}, unit={self.unit!r})"
 
 
-# ---- discovery -----------------------------------------------------------------------------------------------
-def _has(m: Any, *names: str) -> bool:
-    return all(hasattr(m, n) for n in names)
-
-
-def _bert_groups(path: str, layer: Any) -> list[UnitGroup]:
-    inter, out = layer.intermediate, layer.output
-    att = layer.attention
+# ---- discovery ----------------------------------------------------------------------------------------------
+def _ffn_group(path: str, m: nn.Module, fam: Family, roles: FfnRoles) -> UnitGroup | None:
+    """The FFN group of ``roles`` at module ``m`` (``path``), or None when ``m`` does not have that layout."""
+    prods = [resolve(m, p) for p in roles.producers]
+    cons = resolve(m, roles.consumer)
+    act = attr_at(m, roles.act) if roles.act is not None else None
+    if cons is None or any(p is None for p in prods) or (roles.act is not None and not callable(act)):
+        return None
+    producers = tuple(cast(nn.Linear, p) for p in prods)
+    n = producers[0].out_features
+    if any(p.out_features != n for p in producers) or cast(nn.Linear, cons).in_features != n:
+        return None
+    layer = path if roles.on_layer else _parent(path)
     p = f"{path}." if path else ""
-    ffn = UnitGroup(f"{p}ffn", "ffn", (inter.dense,), out.dense, act=inter.intermediate_act_fn, arch="bert",
-                    paths={"producer": f"{p}intermediate.dense", "consumer": f"{p}output.dense"})
-    sa = att.self
-    head = UnitGroup(f"{p}attn", "head", (), att.output.dense, arch="bert", unit="head", attn=sa, q=sa.query,
-                     k=sa.key, v=sa.value,
-                     paths={"attn": f"{p}attention.self", "consumer": f"{p}attention.output.dense"})
-    return [ffn, head]
+    return UnitGroup(f"{layer}.ffn" if layer else "ffn", "ffn", producers, cast(nn.Linear, cons), act=act,
+                     arch=fam.name, roles=roles,
+                     paths={"producer": p + roles.producers[0].partition("#")[0], "consumer": p + roles.consumer})
 
 
-def _is_bert_layer(m: Any) -> bool:
-    return (_has(m, "attention", "intermediate", "output") and _has(m.attention, "self", "output")
-            and _has(m.attention.self, "query", "key", "value", "attention_head_size")
-            and _has(m.intermediate, "dense", "intermediate_act_fn") and _has(m.output, "dense"))
-
-
-def _is_swiglu(m: Any) -> bool:
-    return _has(m, "gate_proj", "up_proj", "down_proj", "act_fn") and all(
-        isinstance(getattr(m, n), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj"))
-
-
-def _is_llama_attn(m: nn.Module) -> bool:
-    return _has(m, "q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "num_key_value_groups")
+def _attn_group(path: str, m: nn.Module, fam: Family, roles: AttnRoles, gqa: str) -> UnitGroup | None:
+    """The head group of ``roles`` at attention module ``m`` (``path``), or None when ``m`` does not have that
+    layout (or its shapes do not split into whole heads)."""
+    q, k, v, o = (resolve(m, r) for r in (roles.q, roles.k, roles.v, roles.o))
+    core = attr_at(m, roles.core)
+    if q is None or k is None or v is None or o is None or not isinstance(core, nn.Module):
+        return None
+    if roles.refuse_attr and getattr(core, roles.refuse_attr, False):
+        return None
+    hd = head_dim_of(roles, core)
+    nq, nk = cast(nn.Linear, q).out_features, cast(nn.Linear, k).out_features
+    if hd is None or nq % hd or nk % hd or nk == 0 or nq % nk or cast(nn.Linear, v).out_features != nk \
+            or cast(nn.Linear, o).in_features != nq or (nq != nk and not roles.gqa):
+        return None
+    n_rep = nq // nk
+    unit = ("kv" if (gqa == "kv" or n_rep == 1) else "query") if roles.gqa else "head"
+    layer = _parent(path)
+    p = f"{path}." if path else ""
+    cpath = f"{p}{roles.core}" if roles.core else path
+    return UnitGroup(f"{layer}.attn" if layer else "attn", "head", (), cast(nn.Linear, o), arch=fam.name, unit=unit,
+                     attn=core, q=cast(nn.Linear, q), k=cast(nn.Linear, k), v=cast(nn.Linear, v), roles=roles,
+                     paths={"attn": cpath, "consumer": p + roles.o.partition("#")[0]})
 
 
 def _parent(path: str) -> str:
     return path.rpartition(".")[0]
 
 
-def _llama_attn_group(path: str, m: Any, gqa: str) -> UnitGroup:
-    parent = _parent(path)
-    unit = "kv" if (gqa == "kv" or int(m.num_key_value_groups) == 1) else "query"
-    return UnitGroup(f"{parent}.attn" if parent else "attn", "head", (), m.o_proj, arch="llama", unit=unit, attn=m,
-                     q=m.q_proj, k=m.k_proj, v=m.v_proj, paths={"attn": path, "consumer": f"{path}.o_proj"})
-
-
-def _llama_ffn_group(path: str, m: Any) -> UnitGroup:
-    parent = _parent(path)
-    return UnitGroup(f"{parent}.ffn" if parent else "ffn", "ffn", (m.gate_proj, m.up_proj), m.down_proj, arch="llama",
-                     paths={"producer": f"{path}.gate_proj", "consumer": f"{path}.down_proj"})
-
-
-def _structured_groups(model: nn.Module, gqa: str) -> list[UnitGroup]:
+def _structured_groups(model: nn.Module, gqa: str) -> tuple[list[UnitGroup], list[Family]]:
+    """Groups of the family table's layouts (families.py), in module order, and the families that matched.
+    A model whose config.model_type is listed is matched against its own family only; others against all."""
+    own = family_of(model)
+    fams = (own,) if own is not None else FAMILIES
     out: list[UnitGroup] = []
+    seen: list[Family] = []
     for path, m in model.named_modules():
-        if _is_bert_layer(m):
-            out += _bert_groups(path, m)
-        elif _is_swiglu(m):
-            out.append(_llama_ffn_group(path, m))
-        elif _is_llama_attn(m):
-            out.append(_llama_attn_group(path, m, gqa))
-    return out
+        for fam in fams:
+            g = next((g for r in fam.ffn if (g := _ffn_group(path, m, fam, r)) is not None), None)
+            g = g or next((g for r in fam.attn if (g := _attn_group(path, m, fam, r, gqa)) is not None), None)
+            if g is not None:
+                out.append(g)
+                if fam not in seen:
+                    seen.append(fam)
+                break
+    return out, seen
 
 
 def _const(a: Any) -> bool:
@@ -388,18 +421,33 @@ def discover_groups(model: nn.Module, kinds: Iterable[str] | str | None = None, 
     want = _check_kinds(kinds)
     if gqa not in GQA_MODES:
         raise ValueError(f"gqa: expected one of {GQA_MODES}, got {gqa!r}")
-    groups = _structured_groups(model, gqa)
-    taken = {id(p) for g in groups for p in g.producers} | {id(g.consumer) for g in groups}
+    groups, fams = _structured_groups(model, gqa)
+    taken = {id(base_of(m)) for g in groups for m in g.modules()}
     fx, err = _fx_groups(model)
     groups += [g for g in fx if id(g.producers[0]) not in taken]
     if not groups:
-        hint = f" (torch.fx could not trace it: {err})" if err else ""
+        hint = f"; torch.fx could not trace it ({err.splitlines()[0][:160]})" if err else ""
         raise ValueError(
-            f"discover_groups: found no prunable unit groups in {type(model).__name__}{hint}. Auto-discovery knows "
-            "Linear->(BatchNorm1d)->activation->Linear, Conv2d->(BatchNorm2d)->activation->Conv2d (ResNet blocks "
-            "included), Hugging Face BERT-like and Llama-like layers. Declare groups by hand: "
-            "spectra_gpu.declare_group(model, 'neuron', producer='fc1', consumer='fc2', act=torch.relu)")
+            f"discover_groups: found no prunable unit groups in {type(model).__name__}: {coverage_line(model)}"
+            f"{hint}. Auto-discovery knows Linear->(BatchNorm1d)->activation->Linear, "
+            "Conv2d->(BatchNorm2d)->activation->Conv2d (ResNet blocks included) and the transformer families "
+            f"{', '.join(f.name for f in FAMILIES)}. Declare groups by hand, e.g. {declare_example(model)}")
+    if "head" in want:
+        for fam in fams:
+            if fam.missing and not fam.attn:
+                _warn_once(f"discover_groups: {type(model).__name__}: {coverage_line(model)}; its other units are "
+                           f"pruned")
     return [g for g in groups if g.kind in want]
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """A UserWarning once per process per message (discovery runs many times in one run)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def _check_kinds(kinds: Iterable[str] | str | None) -> tuple[str, ...]:
@@ -436,17 +484,22 @@ def declare_group(model: nn.Module, kind: str, producer: str | nn.Module | Seque
     then ``consumer`` (Linear/Conv2d) whose input columns/channels are the units' outputs.
 
     act=None means A is read at the consumer's input (gated units such as SwiGLU, or when the activation is
-    not elementwise on Z). Heads are declared by discovery only (BERT-like and Llama-like attention).
+    not elementwise on Z). A transformers Conv1D (GPT-2 style, weight [in, out]) is accepted as producer or
+    consumer (wrapped in a families.LinearView). Heads are found by discovery only (the attention layouts of
+    families.py).
     """
     if kind not in ("neuron", "channel", "ffn"):
         raise ValueError(f"kind: expected 'neuron', 'channel' or 'ffn' for a declared group (heads are found by "
-                         f"discover_groups on BERT-like/Llama-like attention), got {kind!r}")
+                         f"discover_groups on the attention layouts of the family table), got {kind!r}")
     refs = list(producer) if isinstance(producer, (list, tuple)) else [producer]
     if not refs:
         raise ValueError("producer: expected at least one module")
     prods = [_resolve(model, r, "producer") for r in refs]
     cons, cpath = _resolve(model, consumer, "consumer")
     nrm = _resolve(model, norm, "norm") if norm is not None else None
+    prods = [(LinearView(m) if is_conv1d(m) else m, p) for m, p in prods]  # GPT-2 Conv1D: a Linear-shaped view
+    if is_conv1d(cons):
+        cons = LinearView(cons)
     producers: list[nn.Linear | nn.Conv2d] = []
     for m, p in prods:
         if not isinstance(m, (nn.Linear, nn.Conv2d)) or (isinstance(m, nn.Conv2d) and m.groups != 1):

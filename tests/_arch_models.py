@@ -142,3 +142,48 @@ def token_batch(b: int = 3, t: int = 7, vocab: int = 100, pad_last: int = 3, see
         am[0, t - pad_last:] = 0
         ids[0, t - pad_last:] = 0
     return {"input_ids": ids, "attention_mask": am}
+
+
+# ---- one tiny model per transformer family (families.py), random weights, built from the config ---------------
+_TINY = dict(num_hidden_layers=2, vocab_size=100, max_position_embeddings=64)
+
+
+def hf_family(name: str) -> nn.Module:
+    """A tiny random-weight Hugging Face model of family/model ``name`` (eager attention, eval mode)."""
+    import transformers as tf
+
+    torch.manual_seed(6)
+    gqa = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=48, **_TINY)
+    builders = {
+        "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**gqa, tie_word_embeddings=True)),
+        "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(**gqa)),
+        "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**gqa)),  # q/k/v biases
+        "qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**gqa)),  # per-head_dim q_norm / k_norm
+        "gemma": lambda: tf.GemmaForCausalLM(tf.GemmaConfig(**gqa)),  # GeGLU
+        "gemma2": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(**gqa)),
+        "gemma3": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**gqa)),
+        "phi3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(**gqa, pad_token_id=0)),  # fused gate_up_proj / qkv_proj
+        "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_inner=48, vocab_size=100,
+                                                         n_positions=64)),
+        "opt": lambda: tf.OPTForCausalLM(tf.OPTConfig(hidden_size=32, num_attention_heads=4, ffn_dim=48,
+                                                      word_embed_proj_dim=32, **_TINY)),
+        "bert": lambda: tf.BertForMaskedLM(tf.BertConfig(hidden_size=32, num_attention_heads=4, intermediate_size=48,
+                                                         **_TINY)),
+        "roberta": lambda: tf.RobertaForMaskedLM(tf.RobertaConfig(hidden_size=32, num_attention_heads=4,
+                                                                  intermediate_size=48, pad_token_id=1, **_TINY)),
+        "distilbert": lambda: tf.DistilBertForMaskedLM(tf.DistilBertConfig(dim=32, n_heads=4, hidden_dim=48, n_layers=2,
+                                                                           vocab_size=100, max_position_embeddings=64)),
+        "vit": lambda: tf.ViTForImageClassification(tf.ViTConfig(hidden_size=32, num_attention_heads=4,
+                                                                 intermediate_size=48, num_hidden_layers=2,
+                                                                 image_size=16, patch_size=4, num_labels=3)),
+    }
+    m = builders[name]()
+    m.config._attn_implementation = "eager"
+    return m.eval()
+
+
+def family_batch(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """An input batch for ``hf_family(name)``: pixel values for ViT, else right-padded token ids."""
+    if name == "vit":
+        return {"pixel_values": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(seed))}
+    return token_batch(b=3, t=7, vocab=100, pad_last=2, seed=seed)

