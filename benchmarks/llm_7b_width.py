@@ -91,6 +91,7 @@ def run_path(path: str, layers: int, folder: Path, tokens: int, seq_len: int, mo
     from spectra_gpu.units import discover_groups
 
     t0 = time.perf_counter()
+    load_start = os.getloadavg()[0]
     with init_empty_weights():
         model = LlamaForCausalLM(_config(layers, seq_len)).eval()
     weights = ShardedWeights(folder)
@@ -113,7 +114,7 @@ def run_path(path: str, layers: int, folder: Path, tokens: int, seq_len: int, mo
         res = capture_and_score(model, groups, calib, cfg)
     rec.update(seconds_capture=res.seconds_capture, seconds_scorer=res.seconds_scorer,
                seconds_per_group=res.seconds_per_group, seconds_total=time.perf_counter() - t0,
-               **peak_memory(torch.device("cpu")))
+               **peak_memory(torch.device("cpu")), load_average_1min={"start": load_start, "end": os.getloadavg()[0]})
     rec["lambda_1"] = {g: float(o.extra["eigenvalues"][0]) for g, o in res.outputs.items()
                        if o.extra.get("eigenvalues") is not None}
     return rec
@@ -121,12 +122,15 @@ def run_path(path: str, layers: int, folder: Path, tokens: int, seq_len: int, mo
 
 def _meta() -> dict[str, Any]:
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
+    status = ["git", "status", "--porcelain", "--untracked-files=no", "--", "spectra_gpu", "benchmarks"]
+    changed = subprocess.run(status, capture_output=True, text=True, cwd=ROOT).stdout.split("\n")
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
     except OSError:
         cpu = ""
-    return {"date": datetime.date.today().isoformat(), "git_sha": sha.strip(), "torch": torch.__version__,
+    return {"date": datetime.date.today().isoformat(), "git_sha": sha.strip(),
+            "uncommitted": sorted(ln[3:] for ln in changed if ln.strip()), "torch": torch.__version__,
             "cpu_count": os.cpu_count(), "cpu_model": cpu or platform.machine(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "model": {**WIDTHS, "init": "normal(0, 0.02)"},
             "calibration": "random token ids, uniform over the vocabulary (seeded)"}
@@ -157,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {layers_max} random layers to {folder} in {time.perf_counter() - t:.0f} s", flush=True)
         results = []
         for p in a.paths:
+            print(f"{p}: started {datetime.datetime.now():%H:%M:%S}", flush=True)
             cmd = [sys.executable, __file__, "--one", p, "--shards", str(folder), "--tokens", str(a.tokens),
                    "--seq-len", str(a.seq_len), "--mode", a.mode, "--seed", str(a.seed)]
             env = {**os.environ, "PYTHONPATH": str(ROOT), "SPECTRA_GPU_PROGRESS": "0"}

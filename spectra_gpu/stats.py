@@ -5,7 +5,9 @@ the Gram matrix of the signals shifted by a per-unit reference (the first batch'
 cancellation of E[z^2] - E[z]^2 with outlier-heavy LLM activations), their sums and sums of squares, plus the
 non-zero count of post: exactly what z-scored / centred / raw Euclidean distances need, so scoring the stats
 equals scoring the concatenated signals. Batches are multiplied in their own precision (fp32 by default:
-fast) and accumulated in fp64; ``precision="fp64"`` multiplies in fp64 too.
+fast) and accumulated in fp64; ``precision="fp64"`` multiplies in fp64 too. The Gram is accumulated by row
+blocks of its upper triangle (half the products of ``x @ x.T``), and ``gram()`` reads it out by row blocks in
+place, so neither allocates an N x N temporary beyond its result.
 
 In ``sketch`` mode (large N, where an N x N Gram per side is too big) it keeps Z S and A S for one seeded
 Gaussian S [M, sketch_dim] drawn batch by batch (the same rows for both sides), plus the column sums of S;
@@ -52,13 +54,39 @@ class _Side:
         f64 = torch.float64
         self.s1 += xm.sum(dim=1, dtype=f64)  # sums of exactly the values the products see
         self.s2 += (xm * xm).sum(dim=1, dtype=f64)
-        # in-place adds promote the fp32 products into the fp64 accumulators without an fp64 N x N temporary
         if self.gram is not None:
-            self.gram += xm @ xm.T
+            _add_gram(self.gram, xm)
         if self.sk is not None and s is not None:
-            self.sk += xm @ s
+            _add_product(self.sk, xm, s)
         if self.pgram is not None and self.probe is not None:
             self.pgram += xm[self.probe] @ xm.T
+
+
+_BLOCK_BYTES = 128 * 2**20  # bound on one row block's product (the only temporary of the accumulations)
+
+
+def _row_step(rows: int, cols: int, itemsize: int) -> int:
+    return max(1, min(rows, _BLOCK_BYTES // max(1, cols * itemsize)))
+
+
+def _add_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """acc += x @ x.T for acc [N, N] (fp64) and x [N, m], by row blocks of the upper triangle mirrored into the
+    lower one: half the products of the full matmul, and no N x N temporary (each block's product is promoted
+    into the accumulator in place). A mirrored entry (j, i) is the dot product of entry (i, j)."""
+    n = x.shape[0]
+    step = _row_step(n, n, x.element_size())
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        p = x[s:e] @ x[s:].T  # rows s:e against rows s: (diagonal block included)
+        acc[s:e, s:] += p
+        acc[e:, s:e] += p[:, e - s:].T
+
+
+def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b by row blocks of a, without a temporary the size of acc."""
+    step = _row_step(a.shape[0], b.shape[1], a.element_size())
+    for s in range(0, a.shape[0], step):
+        acc[s:s + step] += a[s:s + step] @ b
 
 
 class SignalStats:
@@ -149,11 +177,23 @@ class SignalStats:
         if sd.gram is None:
             raise ValueError("SignalStats.gram needs mode='exact'")
         c, d = self._affine(side, preprocess, alive)
-        g = sd.gram[alive][:, alive]
+        idx = alive.nonzero().flatten()
+        everyone = int(idx.numel()) == self.n
+        g = sd.gram.clone() if everyone else torch.empty(len(idx), len(idx), dtype=sd.gram.dtype, device=self.device)
         s1 = sd.s1[alive]
-        # sum_t (x_it - c_i)(x_jt - c_j) = G_ij - c_i s1_j - s1_i c_j + M c_i c_j
-        g = g - c[:, None] * s1[None, :] - s1[:, None] * c[None, :] + self.m * c[:, None] * c[None, :]
-        return d[:, None] * g * d[None, :]
+        mc = self.m * c
+        # sum_t (x_it - c_i)(x_jt - c_j) = G_ij - c_i s1_j - s1_i c_j + M c_i c_j, then scaled by d_i d_j: in
+        # place by row blocks (the same operations, in the same order, as the whole-matrix expression), so the
+        # only N x N allocation is the result
+        step = _row_step(len(idx), len(idx), g.element_size())
+        for s in range(0, len(idx), step):
+            e = min(len(idx), s + step)
+            blk = g[s:e]
+            if not everyone:
+                blk.copy_(sd.gram[idx[s:e]][:, idx])
+            blk.sub_(c[s:e, None] * s1[None, :]).sub_(s1[s:e, None] * c[None, :]).add_(mc[s:e, None] * c[None, :])
+            blk.mul_(d[s:e, None]).mul_(d[None, :])
+        return g
 
     def sketch(self, side: str, preprocess: str, alive: torch.Tensor) -> torch.Tensor:
         """phi(signals) @ S over the alive units (sketch mode) [N_alive, sketch_dim]."""
@@ -161,7 +201,12 @@ class SignalStats:
         if sd.sk is None or self.s_colsum is None:
             raise ValueError("SignalStats.sketch needs mode='sketch'")
         c, d = self._affine(side, preprocess, alive)
-        return d[:, None] * (sd.sk[alive] - c[:, None] * self.s_colsum[None, :])
+        out = sd.sk[alive]  # a copy: the blocks below work in place on it
+        step = _row_step(out.shape[0], out.shape[1], out.element_size())
+        for s in range(0, out.shape[0], step):
+            blk = out[s:s + step]
+            blk.sub_(c[s:s + step, None] * self.s_colsum[None, :]).mul_(d[s:s + step, None])
+        return out
 
     def probe_gram(self, side: str, preprocess: str, alive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(probe rows among alive units as positions, their exact phi-Gram rows against alive units)."""
