@@ -31,17 +31,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def _fraction(name: str) -> Any:
+def _number(name: str, ok: Any, what: str) -> Any:
+    """An argparse type: a float for which ``ok(value)`` holds, else a one-line error naming ``what`` (e.g.
+    "a number in (0, 1)") and what came."""
     def parse(s: str) -> float:
         try:
             v = float(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name}: expected a number in (0, 1), got {s!r}") from None
-        if not 0 < v < 1:
-            raise argparse.ArgumentTypeError(f"{name}: expected a number in (0, 1), got {s}")
+            raise argparse.ArgumentTypeError(f"{name}: expected {what}, got {s!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"{name}: expected {what}, got {s}")
         return v
 
     return parse
+
+
+def _fraction(name: str) -> Any:
+    return _number(name, lambda v: 0 < v < 1, "a number in (0, 1)")
 
 
 def _int_at_least(low: int) -> Any:
@@ -62,31 +68,11 @@ def _int_at_least(low: int) -> Any:
 
 
 def _positive(name: str) -> Any:
-    """An argparse type: a number > 0."""
-    def parse(s: str) -> float:
-        try:
-            v = float(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name}: expected a number > 0, got {s!r}") from None
-        if not v > 0:
-            raise argparse.ArgumentTypeError(f"{name}: expected a number > 0, got {s}")
-        return v
-
-    return parse
+    return _number(name, lambda v: v > 0, "a number > 0")
 
 
 def _unit_interval(name: str) -> Any:
-    """An argparse type: a number in [0, 1]."""
-    def parse(s: str) -> float:
-        try:
-            v = float(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name}: expected a number in [0, 1], got {s!r}") from None
-        if not 0 <= v <= 1:
-            raise argparse.ArgumentTypeError(f"{name}: expected a number in [0, 1], got {s}")
-        return v
-
-    return parse
+    return _number(name, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
 def _num_eigs(s: str) -> int | str:
