@@ -169,10 +169,16 @@ class _Run:
 
     # -- resume --
     def _check_config(self, stored: Any) -> None:
-        if _json_form(stored) != _json_form(self.cfg.to_dict()):
+        old, new = _json_form(stored), _json_form(self.cfg.to_dict())
+        if old != new:
             where = self.store.out if self.store is not None else None
-            raise ValueError(f"resume: the run in {where} used a different "
-                             f"configuration ({stored}); start a new run directory or pass the same options")
+            if isinstance(old, dict):
+                diff = ", ".join(f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
+                                 if old.get(k) != new.get(k))
+            else:
+                diff = f"stored {old!r}"
+            raise ValueError(f"resume: the run in {where} used a different configuration ({diff}); start a new run "
+                             "directory or pass the same options")
 
     def _replay(self, widths_before: dict[str, int], rounds: Sequence[dict[str, Any] | RoundRecord],
                 phase: str) -> None:

@@ -256,7 +256,9 @@ def test_resume_refuses_a_different_config_and_fresh_run_refuses_existing_dir(tm
     prune(copy.deepcopy(model), calib, cfg, out_dir=tmp_path, **kw)
     with pytest.raises(ValueError, match="already holds a run"):
         prune(copy.deepcopy(model), calib, cfg, out_dir=tmp_path, **kw)
-    with pytest.raises(ValueError, match="different configuration"):
+    # names each differing field with its two values (round_fraction differs too)
+    with pytest.raises(ValueError, match=r"different configuration \(round_fraction: 0.1 then, 0.05 now, target: "
+                                         r"0.2 then, 0.3 now\)"):
         prune(copy.deepcopy(model), calib, PruneConfig(target=0.3, kinds=("neuron",),
                                                        finetune=FinetuneConfig(epochs=0)),
               out_dir=tmp_path, resume=True, **kw)
