@@ -74,6 +74,7 @@ def test_setup_rejects_unknown_names(mlp: common.Setup) -> None:
     with pytest.raises(ValueError, match="method: expected one of"):
         common.method_options("spectral_k7", "neuron")
     assert common.method_options("spectral", "head") == ("spectral", {"k": common.HEAD_K})
+    assert common.method_options("spectral", "head", width=3) == ("spectral", {"k": 2})  # k < N for 3 heads
     assert common.method_options("wanda_sp", "neuron", neighbors=True) == ("wanda_sp", {"k": 10, "neighbors": True})
 
 

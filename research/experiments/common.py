@@ -242,9 +242,11 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 SPECTRAL_METHODS = [m for m in METHODS if m.startswith(("spectral", "hybrid"))]
 
 
-def method_options(method: str, kind: str, neighbors: bool = False) -> tuple[str, dict[str, Any]]:
-    """(scorer, options) of ``method`` on a group of ``kind``: spectral scorers get k <= HEAD_K on head groups
-    (as the driver does); ``neighbors`` asks any scorer for its input-graph kNN lists (k = 10, heads HEAD_K)."""
+def method_options(method: str, kind: str, neighbors: bool = False,
+                   width: int | None = None) -> tuple[str, dict[str, Any]]:
+    """(scorer, options) of ``method`` on a group of ``kind`` and ``width`` units: spectral scorers get
+    k <= min(HEAD_K, width - 1) on head groups (as the driver does); ``neighbors`` asks any scorer for its
+    input-graph kNN lists (k = 10, heads HEAD_K, below the width)."""
     if method not in METHODS:
         raise ValueError(f"method: expected one of {sorted(METHODS)}, got {method!r}")
     name, opts = METHODS[method]
@@ -257,6 +259,8 @@ def method_options(method: str, kind: str, neighbors: bool = False) -> tuple[str
     if neighbors:
         opts.setdefault("k", HEAD_K if kind == "head" else 10)
         opts["neighbors"] = True
+    if kind == "head" and width is not None and "k" in opts:
+        opts["k"] = min(int(opts["k"]), width - 1)  # sg.score refuses k >= N
     return name, opts
 
 
@@ -273,7 +277,7 @@ def capture(setup: Setup, model: nn.Module, groups: Sequence[sg.UnitGroup], tayl
 def score(method: str, g: sg.UnitGroup, stats: sg.SignalStats, taylor: torch.Tensor | None, seed: int,
           neighbors: bool = False) -> ScoreOutput:
     """One method's scores (higher = keep) on one group, by the product's scorer."""
-    name, opts = method_options(method, g.kind, neighbors)
+    name, opts = method_options(method, g.kind, neighbors, int(g.size))
     ctx = ScoreContext(stats, g.in_weight().detach(), g.out_weight().detach(), taylor, seed, opts)
     return run_scorer(name, ctx)
 
