@@ -200,7 +200,8 @@ def _taylor_rank(ctx: ScoreContext) -> ScoreOutput:
     return ScoreOutput(s, spec.neighbors, spec.extra)
 
 
-SPECTRAL_DEFAULT: dict[str, Any] = dict(k=10, num_eigs=32, direction="fwd", preprocess="zscore")
+# k and num_eigs left to sg.score's defaults, min(10, N - 1) and min(32, N - 1): explicit values >= N raise
+SPECTRAL_DEFAULT: dict[str, Any] = dict(direction="fwd", preprocess="zscore")
 RESEARCH_SCORERS: dict[str, tuple[Scorer, bool]] = {  # name -> (scorer, needs Taylor terms)
     "hybrid": (_hybrid(SPECTRAL_DEFAULT), False),
     "hybrid_full": (_hybrid({**SPECTRAL_DEFAULT, "num_eigs": "full"}), False),
