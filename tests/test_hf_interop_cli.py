@@ -1,6 +1,7 @@
 """The issue-14 bar through the CLI: `spectra prune --model smollm2-text --scorer wanda_sp --target 0.1
 --epochs 0 --out DIR` saves a folder that plain transformers loads in a process that never imports
-spectra_gpu; its held-out perplexity there equals the one the run reports, and it generates text."""
+spectra_gpu; its held-out perplexity there equals the one the run reports for its final (compensated) model,
+and it generates text."""
 
 import importlib.util
 import json
@@ -11,37 +12,30 @@ import sys
 import pytest
 import torch
 
-from spectra_gpu.builtin import zoo
+from spectra_gpu.builtin import tasks
 from spectra_gpu.cli import main
 
 pytestmark = pytest.mark.slow
 
-# Runs in a fresh interpreter (cwd outside the repo, no PYTHONPATH): the held-out perplexity exactly as
-# builtin/tasks.py computes it (english-text: 128-token chunks of the held-out text, the first 40, batches of 8,
-# all-ones masks, mean next-token cross-entropy weighted by target tokens, exp), then greedy generation.
+# Runs in a fresh interpreter (cwd outside the repo, no PYTHONPATH): perplexity on the token ids the task
+# evaluates on (written by the test from the task's own batches), each sequence alone with labels = inputs as
+# plain transformers computes it, then greedy generation.
 CHILD = r"""
 import json, math, sys
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-model_dir, text_path = sys.argv[1], sys.argv[2]
+model_dir, ids_path = sys.argv[1], sys.argv[2]
 torch.set_num_threads(1)
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 tok = AutoTokenizer.from_pretrained(model_dir)
-ids = tok(open(text_path, encoding="utf-8").read())["input_ids"]
-seq, n_test = 128, 40
-chunks = [torch.tensor(ids[i * seq:(i + 1) * seq]) for i in range(min(len(ids) // seq, n_test))]
+seqs = json.load(open(ids_path))
 nll, cnt = 0.0, 0
 with torch.no_grad():
-    for i in range(0, len(chunks), 8):
-        x = torch.stack(chunks[i:i + 8])
-        mask = torch.ones_like(x)
-        logits = model(input_ids=x, attention_mask=mask).logits
-        tgt = x[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), tgt.flatten(), ignore_index=-100)
-        n = int(mask[:, 1:].sum())
-        nll += float(loss) * n
+    for s in seqs:
+        x = torch.tensor([s])
+        n = x.shape[1] - 1
+        nll += float(model(input_ids=x, labels=x).loss) * n
         cnt += n
     prompt = tok("To be, or not to be", return_tensors="pt")
     out = model.generate(**prompt, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
@@ -62,7 +56,7 @@ def smol_run(tmp_path_factory):
     torch.set_num_threads(1)
     try:
         code = main(["prune", "--model", "smollm2-text", "--scorer", "wanda_sp", "--target", "0.1", "--epochs", "0",
-                     "--out", str(out)])
+                     "--no-track-metric", "--out", str(out)])
     finally:
         mp.undo()
     assert code == 0
@@ -87,15 +81,20 @@ def test_uniform_run_saves_a_standard_config(smol_run):
 
 
 def test_plain_transformers_loads_it_with_the_reported_perplexity_and_generates(smol_run, tmp_path):
+    """The saved model is the run's final one (compensated: Hugging Face models are by default), so its
+    perplexity in plain transformers is the report's metric after compensation."""
     rep = json.loads((smol_run / "report.json").read_text())
-    text = tmp_path / "held_out.txt"
-    text.write_text(zoo.english_text().test, encoding="utf-8")
+    assert rep["compensation"] and rep["metric_after_compensation"] is not None
+    task_eval = tasks._lm_task("smollm2-text", None, None, 0, 0.0, n_calib=1, n_train=1)
+    ids = tmp_path / "held_out_ids.json"
+    held_out = [s.tolist() for b in task_eval.extra["eval_batches"] for s in b["input_ids"]]
+    ids.write_text(json.dumps(held_out))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    p = subprocess.run([sys.executable, "-c", CHILD, str(smol_run / "model"), str(text)], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=900)
+    p = subprocess.run([sys.executable, "-c", CHILD, str(smol_run / "model"), str(ids)], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=1800)
     assert p.returncode == 0, p.stderr[-3000:]
     got = json.loads(p.stdout.strip().splitlines()[-1])
     assert got["imported_spectra_gpu"] is False
-    assert got["perplexity"] == pytest.approx(rep["metric_after_prune"], rel=1e-4)
+    assert got["perplexity"] == pytest.approx(rep["metric_after_compensation"], rel=1e-4)
     assert got["new_tokens"] > 0 and got["generated"].strip()

@@ -330,7 +330,8 @@ def _lm_task(model_name: str, model: nn.Module | None, tok: Any, seed: int, t0: 
     ``seq``-token sequences starting the way the model expects (``text.expected_bos``); ``n_calib``
     calibration sequences drawn (seeded) from the calibration split; the fine-tune on the training split
     (``n_train`` sequences, default all: about 320k SmolLM2 tokens), shuffled per epoch; perplexity on every
-    ``eval_every``-th sequence of the evaluation split, which no other stage reads."""
+    ``eval_every``-th sequence of the evaluation split, which no other stage reads (``extra["eval_batches"]``,
+    beside ``extra["tokenizer"]``)."""
     corpus = zoo.english_corpus()
     if model is None:
         model, tok = zoo.load_smollm2()
@@ -361,7 +362,7 @@ def _lm_task(model_name: str, model: nn.Module | None, tok: Any, seed: int, t0: 
              f"split by document): {seq}-token sequences{' with BOS' if bos is not None else ''}: "
              f"{len(calib_seqs)} calibration ({tokens(calib_seqs)} tokens), {len(train_seqs)} fine-tune "
              f"({tokens(train_seqs)}), {len(te)} held-out evaluation ({tokens(te)})",
-        flops_input=None, seconds_setup=time.perf_counter() - t0, extra={"tokenizer": tok})
+        flops_input=None, seconds_setup=time.perf_counter() - t0, extra={"tokenizer": tok, "eval_batches": test})
 
 
 # ---- loading by name or path ---------------------------------------------------------------------------
