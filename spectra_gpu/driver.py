@@ -278,13 +278,16 @@ class _Run:
         if self.finished is not None:  # a finished run: (re)write missing files, change nothing
             self._write_outputs(self.finished, only_missing=True)
             return PruneResult(self.model, self.finished)
+        try:
+            return self._phases()
+        except BaseException:
+            if self.store is not None and not self.resumed and (self.state is None or not self.state.rounds):
+                self.store.discard()  # a new run that failed before its first round leaves nothing behind
+            raise
+
+    def _phases(self) -> PruneResult:
         if self.state is None:
-            try:
-                self.state = self._start()
-            except BaseException:
-                if self.store is not None:
-                    self.store.discard()  # a new run refused at the start leaves nothing behind
-                raise
+            self.state = self._start()
             self._save()
         st = self.state
         if st.phase == "done":
@@ -296,12 +299,7 @@ class _Run:
         try:
             with counted_repairs(st.numerical_repairs):  # one summary line per run, counts in the report
                 if st.phase == "prune":
-                    try:
-                        self._prune_rounds(st, t0, before)
-                    except BaseException:
-                        if self.store is not None and not self.resumed and not st.rounds:
-                            self.store.discard()  # failed before its first round: leave nothing
-                        raise
+                    self._prune_rounds(st, t0, before)
                 if st.phase == "compensate":
                     self._compensate(st, t0, before)
                 if st.phase == "finetune":
@@ -311,7 +309,7 @@ class _Run:
         if st.numerical_repairs:
             warnings.warn(f"{sum(st.numerical_repairs.values())} numerical repairs during the run "
                           f"({len(st.numerical_repairs)} kinds; counts in report.json 'numerical_repairs')",
-                          NumericalWarning, stacklevel=3)
+                          NumericalWarning, stacklevel=4)
         st.phase = "done"
         st.report = self._report(st)
         self._save()  # so a crash while writing the outputs finishes them on resume
@@ -338,7 +336,7 @@ class _Run:
             warnings.warn(f"target: EPR {cfg.target} on the {cfg.epr_basis} basis removes {bases['total']:.3f} of all "
                           f"parameters = {bases['prunable']:.3f} of the prunable ones (embeddings, LM head and "
                           f"classifier are {1 - base.epr.prunable_before / base.epr.params_before:.0%} of the model "
-                          "and are not pruned); choose --epr-basis to say which you mean", UserWarning, stacklevel=4)
+                          "and are not pruned); choose --epr-basis to say which you mean", UserWarning, stacklevel=5)
         st = RunState.start(cfg.to_dict(), base)
         st.flops_before = self._flops()
         st.metric_before = self._metric()
