@@ -395,15 +395,22 @@ class _Run:
         self._save()
 
     def _compensate(self, st: RunState, t0: float, before: float) -> None:
-        """Refit the consumers of every pruned group on the dense model's calibration statistics
-        (``compensate.compensation``; the dense copy holds every unit), then the metric after it."""
+        """Refit the consumers of every pruned group on the dense model's calibration statistics (the dense
+        copy holds every unit), then the metric after it: block by block on the pruned model's hidden states
+        when the run's capture is layer-sequential (``sequential.compensate_blocks``), else in one pass
+        (``compensate.compensation``)."""
         if self._compensates():
             assert self.dense is not None  # kept at the start / on resume
             removed = dense_removals(st.widths_before, [r.removed_units for r in st.rounds])
             dense_groups = [g for g in discover(self.dense, self.cfg, self.groups_fn) if g.name in removed]
-            refits = compensation(self.dense, dense_groups, removed, self.calib, forward=self.forward,
-                                  damping=self.cfg.compensate_damping, progress=_progress_on())
-            apply_refits(self.groups, refits, removed)
+            if self.sequential:
+                refits = _sequential.compensate_blocks(
+                    self.model, self.dense, self.groups, dense_groups, removed, self.calib, forward=self.forward,
+                    damping=self.cfg.compensate_damping, hidden_store=self.cfg.hidden_store)
+            else:
+                refits = compensation(self.dense, dense_groups, removed, self.calib, forward=self.forward,
+                                      damping=self.cfg.compensate_damping, progress=_progress_on())
+                apply_refits(self.groups, refits, removed)
             st.compensation = {g: rf.summary() for g, rf in refits.items()}
             st.metric_after_compensation = self._metric()
         if self.cfg.finetune.loss != "kd":

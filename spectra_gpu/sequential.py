@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from ._progress import enabled as _progress_on
 from ._progress import progress
 from .capture import capture, default_forward
+from .compensate import DAMPING, Refit, apply_refits, capture_grams, refit
 from .config import HIDDEN_STORES, PruneConfig
 from .rounds import GroupScores, Signals, score_groups, stats_mode
 from .scorers import NEEDS_TAYLOR, ScoreOutput
@@ -395,6 +396,25 @@ def replay_batches(n: int, masks: Sequence[Tensor | None], write: bool = True) -
     return out
 
 
+def _replayer(inputs: Sequence[tuple[tuple[Any, ...], dict[str, Any]]], store: _HiddenStore,
+              device: torch.device) -> ForwardFn:
+    """forward(block, replay batch): runs ``block`` on the stored hidden states of the batch's slot with the
+    batch's other recorded arguments; where the batch says ``_write``, the outputs replace the stored states."""
+    def replay(block: nn.Module, b: dict[str, Any]) -> None:
+        i = b["_slot"]
+        args, kw = inputs[i]
+        out = block(store.get(i), *_move(args, device), **_move(kw, device))
+        if b["_write"]:
+            store.put(i, out[0] if isinstance(out, (tuple, list)) else out)
+    return replay
+
+
+def _pass_through(block: nn.Module, batches: Sequence[dict[str, Any]], replay: ForwardFn) -> None:
+    with torch.no_grad():
+        for b in batches:
+            replay(block, b)
+
+
 def capture_and_score_sequential(model: nn.Module, groups: Sequence[UnitGroup], calib: Sequence[Any],
                                  cfg: PruneConfig, *, round_index: int = 0, forward: ForwardFn | None = None,
                                  loss_fn: Any = None, desc: str | None = None, blocks: str | None = None,
@@ -455,13 +475,7 @@ def capture_and_score_sequential(model: nn.Module, groups: Sequence[UnitGroup], 
         masks = [_token_mask(b) for b in calib]
         last = max(where, default=-1)
 
-        def replay(block: nn.Module, b: dict[str, Any]) -> None:
-            i = b["_slot"]
-            args, kw = inputs[i]
-            out = block(store.get(i), *_move(args, dev), **_move(kw, dev))
-            if b["_write"]:
-                store.put(i, out[0] if isinstance(out, (tuple, list)) else out)
-
+        replay = _replayer(inputs, store, dev)
         for bi in progress(range(last + 1), desc=desc or f"round {round_index + 1}: blocks"):
             block = stack[bi]
             t = time.perf_counter()
@@ -479,9 +493,7 @@ def capture_and_score_sequential(model: nn.Module, groups: Sequence[UnitGroup], 
                 stats = grab(block, [g for _, g in mine], batches, replay, mode, mine[0][0])
             else:
                 stats = {}
-                with torch.no_grad():
-                    for b in batches:
-                        replay(block, b)
+                _pass_through(block, batches, replay)
             t_c = time.perf_counter() - t
             stats_bytes = sum(s.nbytes() for s in stats.values())
             t = time.perf_counter()
@@ -513,6 +525,80 @@ def capture_and_score_sequential(model: nn.Module, groups: Sequence[UnitGroup], 
                             peak_device_bytes=peak["peak_device_bytes"])
 
 
+def compensate_blocks(model: nn.Module, dense: nn.Module, groups: Sequence[UnitGroup],
+                      dense_groups: Sequence[UnitGroup], removed: Mapping[str, Sequence[int]], calib: Sequence[Any],
+                      *, forward: ForwardFn | None = None, damping: float = DAMPING, precision: str = "fp32",
+                      device: str | torch.device | None = None, hidden_store: str = "cpu",
+                      hidden_dir: str | Path | None = None) -> dict[str, Refit]:
+    """Compensation (``compensate``, docs/algorithm.md section 7) one block at a time, as SparseGPT orders its
+    reconstruction: the calibration batches run through the pruned ``model`` up to its first block; then for
+    each block holding a pruned group, the same block of ``dense`` (the model before pruning: same structure,
+    every unit) replays the pruned model's hidden states while ``compensate.capture_grams`` records each
+    consumer's full input (removed units zeroed downstream), every group of the block is refit
+    (``compensate.refit``) and written into ``model``'s block (``compensate.apply_refits``), and the compensated
+    block's outputs become the next block's inputs. So each block is fit on the inputs the pruned and
+    compensated blocks before it give (within a block the groups are fit together, on the block's pruned but
+    not yet compensated values, as the one-pass capture fits all of them), and the consumer Grams of one block
+    only are ever held: memory = the prefix modules + one block of each model + the hidden states + one
+    block's Grams. ``model`` is changed in place, ``dense`` is left as it was.
+
+    groups / dense_groups: the groups of ``model`` and of ``dense`` (same names); removed: {group name: unit
+    indices into the dense width} (``compensate.dense_removals``); groups without removals are left alone.
+    forward, device, hidden_store, hidden_dir: as for :func:`capture_and_score_sequential`. Returns {group:
+    Refit} of every refit group."""
+    if hidden_store not in HIDDEN_STORES:
+        raise ValueError(f"hidden_store: expected one of {HIDDEN_STORES}, got {hidden_store!r}")
+    calib = list(calib)
+    if not calib:
+        raise ValueError("calib: expected at least one calibration batch, got none")
+    pruned = {g.name: g for g in groups}
+    plan = [g for g in dense_groups if len(removed.get(g.name, ())) and g.name in pruned]
+    missing = sorted(n for n in removed if len(removed[n]) and n not in {g.name for g in plan})
+    if missing:
+        raise ValueError(f"removed: expected groups of both models, got {missing} missing from groups or dense_groups")
+    if not plan:
+        return {}
+    _, stack = find_blocks(model, [pruned[g.name] for g in plan])
+    _, dstack = find_blocks(dense, plan)
+    if len(stack) != len(dstack):
+        raise ValueError(f"dense: expected the pruned model's {len(stack)} blocks, got {len(dstack)}")
+    dev = torch.device(device) if device is not None else next(
+        (t.device for t in model.parameters() if not t.is_meta), torch.device("cpu"))
+    where = _block_of_groups(dstack, plan)
+    fwd = forward or default_forward
+    was_training = model.training
+    model.eval()
+    store = _HiddenStore(hidden_store, dev, hidden_dir)
+    refits: dict[str, Refit] = {}
+    try:
+        with _prefix_on(model, stack, dev, None):
+            inputs = _catch_inputs(model, stack[0], calib, fwd, dev, store)
+        masks = [_token_mask(b) for b in calib]
+        replay = _replayer(inputs, store, dev)
+        for bi in progress(range(max(where) + 1), desc="compensation: blocks"):
+            mine = [g for g, w in zip(plan, where, strict=True) if w == bi]
+            block = stack[bi]
+            before = next((p.device for p in block.parameters()), dev)
+            block.to(dev)
+            if mine:
+                dblock = dstack[bi]
+                dbefore = next((p.device for p in dblock.parameters()), dev)
+                dblock.to(dev)
+                mine_removed = {g.name: removed[g.name] for g in mine}
+                grams = capture_grams(dblock, mine, mine_removed, replay_batches(len(calib), masks, write=False),
+                                      forward=replay, precision=precision)
+                dblock.to(dbefore)
+                got = {g.name: refit(g, grams.pop(g.name), removed[g.name], damping=damping) for g in mine}
+                apply_refits([pruned[n] for n in got], got, mine_removed)
+                refits.update(got)
+            _pass_through(block, replay_batches(len(calib), masks), replay)
+            block.to(before)
+    finally:
+        store.close()
+        model.train(was_training)
+    return refits
+
+
 def load_empty(folder: str | Path, model_class: Any = None, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A Hugging Face model of ``folder``'s config built under ``accelerate.init_empty_weights()`` (parameters
     on the meta device, buffers such as rotary frequencies computed for real), in ``dtype``, eval mode: pass
@@ -531,4 +617,4 @@ def load_empty(folder: str | Path, model_class: Any = None, dtype: torch.dtype =
 
 
 __all__ = ["HIDDEN_STORES", "BlockCapture", "SequentialScores", "ShardedWeights", "capture_and_score_sequential",
-           "find_blocks", "load_empty", "peak_memory", "replay_batches", "supports"]
+           "compensate_blocks", "find_blocks", "load_empty", "peak_memory", "replay_batches", "supports"]

@@ -113,6 +113,32 @@ def test_compensation_runs_after_the_last_round_and_lowers_the_output_error(tmp_
     assert saved["metric_after_compensation"] == r_on["metric_after_compensation"]
 
 
+def test_compensation_order_follows_the_capture(tmp_path):
+    """A layer-sequential run compensates block by block (``sequential.compensate_blocks`` on the pruned
+    model's hidden states), a whole-model run in one pass (``compensate.compensation`` on the dense model):
+    the driver's compensated weights equal those functions applied to the same removals."""
+    from spectra_gpu.compensate import apply_refits, compensation, dense_removals
+    from spectra_gpu.sequential import compensate_blocks
+
+    cfg = dict(target=0.2, scorer="random", round_fraction=0.2, finetune=FinetuneConfig(epochs=0))
+    kw = dict(loss_fn=lm_loss, evaluate=held_out_loss, metric_name="loss")
+    for sequential in (True, False):
+        got = prune(tiny_llama(), batches(), PruneConfig(**cfg, sequential=sequential), **kw)
+        plain = prune(tiny_llama(), batches(), PruneConfig(**cfg, sequential=sequential, compensate=False), **kw)
+        r = got.report
+        assert r["sequential"] is sequential
+        dense = tiny_llama()
+        removed = dense_removals(r["widths_before"], [x["removed_units"] for x in r["rounds"]])
+        dgroups = [g for g in discover(dense, PruneConfig(**cfg)) if g.name in removed]
+        groups = discover(plain.model, PruneConfig(**cfg))
+        if sequential:
+            compensate_blocks(plain.model, dense, groups, dgroups, removed, batches())
+        else:
+            apply_refits(groups, compensation(dense, dgroups, removed, batches()), removed)
+        for (k, a), b in zip(got.model.state_dict().items(), plain.model.state_dict().values(), strict=True):
+            assert torch.equal(a, b), (sequential, k)
+
+
 def test_distillation_recovery_uses_the_dense_model_and_resumes(tmp_path):
     dense = tiny_llama()
 

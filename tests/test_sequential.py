@@ -263,3 +263,60 @@ def test_sweep_leaves_the_model_as_it_was():
     capture_and_score_sequential(model, discover_groups(model, ("ffn",)), token_batches(101), PruneConfig())
     assert model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ---- compensation block by block -----------------------------------------------------------------------------
+def _pruned_copy(dense: torch.nn.Module, removed: dict[str, list[int]]) -> torch.nn.Module:
+    from spectra_gpu.surgery import remove_units
+    model = copy.deepcopy(dense)
+    by_name = {g.name: g for g in discover_groups(model, ("ffn", "head"))}
+    for name, idx in removed.items():
+        if idx:
+            remove_units(model, by_name[name], idx)
+    return model
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_bert], ids=["llama", "bert"])
+def test_compensate_blocks_fits_each_block_on_the_compensated_blocks_before_it(build):
+    """compensate_blocks == the explicit order: for block i, the one-pass ``compensation`` of block i's groups
+    on a model whose blocks before i are the pruned and already compensated ones and whose blocks from i on are
+    dense (so block i sees the compensated upstream); it differs from the one-pass compensation of all groups
+    at once, which does not see upstream refits; and ``dense`` is left unchanged."""
+    from spectra_gpu.compensate import apply_refits, compensation
+    from spectra_gpu.sequential import compensate_blocks
+    dense = build()
+    calib = token_batches(101, n=3)
+    dgroups = discover_groups(dense, ("ffn", "head"))
+    gen = torch.Generator().manual_seed(1)
+    removed = {g.name: sorted(torch.randperm(g.size, generator=gen)[: g.size // 4 or 1].tolist()) for g in dgroups}
+    for g in dgroups:
+        if g.kind == "head" and (g.n_rep or 1) > 1:  # GQA: the same number of query heads from every KV group
+            removed[g.name] = [j * int(g.n_rep) + j % int(g.n_rep) for j in range(int(g.kv_heads))]
+    removed[dgroups[2].name] = []  # a group without removals is left alone
+    before = {k: v.clone() for k, v in dense.state_dict().items()}
+
+    got = _pruned_copy(dense, removed)
+    refits = compensate_blocks(got, dense, discover_groups(got, ("ffn", "head")), dgroups, removed, calib,
+                               precision="fp64", hidden_store="disk")
+    assert sorted(refits) == sorted(n for n, r in removed.items() if r)
+    assert all(torch.equal(before[k], v) for k, v in dense.state_dict().items())
+
+    want = _pruned_copy(dense, removed)
+    path, stack = find_blocks(want)
+    for bi in range(len(stack)):
+        hybrid = copy.deepcopy(dense)
+        hstack = hybrid.get_submodule(path)
+        for j in range(bi):
+            hstack[j] = copy.deepcopy(stack[j])
+        names = [g.name for g in dgroups if g.name.startswith(f"{path}.{bi}.") and removed[g.name]]
+        hgroups = [g for g in discover_groups(hybrid, ("ffn", "head")) if g.name in names]
+        rf = compensation(hybrid, hgroups, {n: removed[n] for n in names}, calib, precision="fp64")
+        apply_refits([g for g in discover_groups(want, ("ffn", "head")) if g.name in names], rf, removed)
+    for (k, a), b in zip(want.state_dict().items(), got.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7), (k, (a - b).abs().max())
+
+    one_pass = _pruned_copy(dense, removed)
+    apply_refits(discover_groups(one_pass, ("ffn", "head")),
+                 compensation(dense, dgroups, removed, calib, precision="fp64"), removed)
+    last = [k for k in got.state_dict() if k.startswith(f"{path}.{len(stack) - 1}.")]
+    assert any(not torch.allclose(got.state_dict()[k], one_pass.state_dict()[k]) for k in last)

