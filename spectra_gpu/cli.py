@@ -121,19 +121,25 @@ def _check_out(out: str | None) -> None:
 def _run_prune(args: argparse.Namespace, *, quiet: bool = False) -> dict[str, Any]:
     from .builtin.tasks import load_task
     from .driver import PruneConfig, prune
-    from .finetune import FinetuneConfig
+    from .finetune import LORA_INSTALL, FinetuneConfig, lora_available
     from .scorers import get_scorer
 
     get_scorer(args.scorer)
     if args.resume and args.out is None:
         raise ValueError("--resume: expected --out DIR of the run to continue, got none")
     _check_out(args.out)
+    if args.lora_alpha is not None and args.lora_rank is None:
+        raise ValueError(f"--lora-alpha: expected it with --lora-rank R (LoRA is off without it), got --lora-alpha "
+                         f"{args.lora_alpha:g} alone")
+    if args.lora_rank is not None and not lora_available():
+        raise ImportError(f"--lora-rank needs peft: {LORA_INSTALL}")
     t0 = time.perf_counter()
     task = load_task(args.model, args.data, seed=args.seed)
     ft = task.finetune
     over = {k: v for k, v in (("optimizer", args.optimizer), ("lr", args.lr), ("epochs", args.epochs),
                               ("steps", args.steps), ("loss", args.recovery), ("temperature", args.kd_temperature),
-                              ("kd_alpha", args.kd_alpha)) if v is not None}
+                              ("kd_alpha", args.kd_alpha), ("lora_rank", args.lora_rank),
+                              ("lora_alpha", args.lora_alpha)) if v is not None}
     if over:
         ft = FinetuneConfig(**{**ft.to_dict(), **over})
     cfg = PruneConfig(target=args.target, scorer=args.scorer, kinds=tuple(args.kinds or task.kinds),
@@ -201,7 +207,7 @@ def _demo(args: argparse.Namespace) -> int:
     args.optimizer = args.lr = args.epochs = args.steps = None
     args.allocation, args.epr_basis, args.one_per_neighbourhood, args.no_track_metric = "uniform", None, False, False
     args.recalibrate_bn = args.uniform_widths = args.sequential = args.compensate = None
-    args.recovery = args.kd_temperature = args.kd_alpha = None
+    args.recovery = args.kd_temperature = args.kd_alpha = args.lora_rank = args.lora_alpha = None
     args.round_to, args.hidden_store, args.compensate_damping = 8, "cpu", None
     args.k = args.num_eigs = args.direction = args.preprocess = None
     note = (lambda *a, **k: None) if args.quiet else print
@@ -338,6 +344,12 @@ def _add_prune_opts(p: argparse.ArgumentParser, *, demo: bool) -> None:
                    help="distillation temperature (default 1)")
     p.add_argument("--kd-alpha", type=_unit_interval("kd-alpha"), default=None,
                    help="weight of the distillation term; 1 - it goes to the task loss (default 1)")
+    p.add_argument("--lora-rank", type=_int_at_least(1), default=None, metavar="R",
+                   help="fine-tune rank-R LoRA adapters on the nn.Linear layers of the model's blocks instead of "
+                   "every weight, merged into the weights at the end, so the saved model stays a plain model "
+                   "(needs peft: pip install 'spectra_gpu[lora]'; default: full fine-tune)")
+    p.add_argument("--lora-alpha", type=_positive("lora-alpha"), default=None, metavar="A",
+                   help="LoRA alpha: the adapters' update is scaled by A / R (default A = 2 R)")
     p.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=None,
                    help="re-estimate BatchNorm running statistics on the calibration batches after every round "
                    "(no parameter update; default: the task's, on for mnist-cnn)")

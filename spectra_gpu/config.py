@@ -124,8 +124,11 @@ class PruneConfig:
             raise ValueError(f"compensate_damping: expected a number > 0, got {d!r}")
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a dict (what report.json and a checkpoint record); the fine-tune recipe as
+        ``FinetuneConfig.to_dict`` writes it (its optional fields only when set)."""
         d = asdict(self)
         d["kinds"] = list(self.kinds)
+        d["finetune"] = self.finetune.to_dict()
         return d
 
     def uniform_for(self, archs: Iterable[str]) -> bool:

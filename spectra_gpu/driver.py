@@ -7,7 +7,8 @@ the EPR reaches the target; the groups are re-discovered once after each round's
 layer-sequential and / or spread over the ranks of ``torchrun`` where the config says so, ``capture_step``),
 compensation (``compensate``: the consumers of pruned groups refit on the dense model's calibration outputs,
 where ``PruneConfig.compensate_for`` says so), one recovery fine-tune (``finetune.finetune``; distillation
-from the dense model with ``loss="kd"``), report. The run state is a typed :class:`~spectra_gpu.run_store.RunState`;
+from the dense model with ``loss="kd"``; LoRA adapters merged into the weights at its end with ``lora_rank``),
+report. The run state is a typed :class:`~spectra_gpu.run_store.RunState`;
 with ``out_dir`` it is checkpointed after the start, after every round and every fine-tune epoch
 (``run_store.RunStore``), so a run killed at any point resumes from its last completed round or epoch and
 ends with the same report (seeded scorers, deterministic data order; only the timings differ). Under
@@ -41,7 +42,7 @@ from .compensate import apply_refits, compensation, dense_removals
 from .config import EPR_BASES, HEAD_K, KINDS, PruneConfig, TargetUnreachableError
 from .distributed import capture_and_score_distributed, world
 from .errors import NumericalWarning, counted_repairs
-from .finetune import check_batches_fn, finetune
+from .finetune import check_batches_fn, check_lora, finetune, lora_summary
 from .report import epr_statement, provenance, score_summary, torch_save, write_json
 from .rounds import (
     Baseline,
@@ -139,6 +140,8 @@ class _Run:
             check_batches_fn(train_batches)
         if cfg.finetune.epochs > 0 and train_batches is not None and loss_fn is None:
             raise ValueError("fine-tune needs loss_fn(model, batch) -> loss next to train_batches")
+        if cfg.finetune.epochs > 0 and train_batches is not None:
+            check_lora(model, cfg.finetune)  # before any round: peft installed, nn.Linear layers to adapt
         if cfg.finetune.epochs > 0 and train_batches is None:
             warnings.warn(f"no train_batches: the recovery fine-tune (epochs={cfg.finetune.epochs}) is skipped; pass "
                           "train_batches=lambda epoch: batches, or FinetuneConfig(epochs=0) to say so",
@@ -464,7 +467,9 @@ class _Run:
             "rounds": [r.to_dict() for r in st.rounds], "widths_before": st.widths_before,
             "widths_after": {g.name: int(g.size) for g in self.groups},
             "kinds_by_group": st.kinds_by_group, "min_keep": st.min_keep,
-            "finetune_history": st.finetune_history, "score_distributions": st.score_distributions,
+            "finetune_history": st.finetune_history,
+            "finetune_lora": lora_summary(self.model, cfg.finetune) if st.finetune_history else None,
+            "score_distributions": st.score_distributions,
             "numerical_repairs": st.numerical_repairs,
             "eigenvalues": st.eigenvalues, "calibration_batches": len(self.calib), "config": cfg.to_dict(),
             "uniform_widths": base.uniform, "round_to": base.round_to,

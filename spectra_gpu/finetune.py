@@ -13,11 +13,24 @@ model, so one forward serves both terms); the teacher's logits come from the sam
 teacher without gradients, on the fly per batch: caching them would hold batches x tokens x vocabulary floats
 (64 SmolLM2 batches of 8 x 128 tokens: 13 GB in fp32) where one batch's teacher forward costs about a third of
 a student step. A caller with its own cache passes ``teacher`` as a callable batch -> logits instead.
+
+LoRA (``lora_rank``, through the optional ``peft`` package: ``pip install 'spectra_gpu[lora]'``): the fine-tune
+wraps the modules of :func:`lora_targets` with rank-r adapters (peft's ``LoraModel``, in place: the model object
+stays the one passed in), trains only the adapter parameters, and after the last step merges them into the
+weights and unwraps (``merge_and_unload``), so the model comes back as the same plain module type with the same
+widths and no adapter tensors (a failed fine-tune unwraps without merging: the weights are the ones it started
+from). The adapters' initial values are drawn from ``seed`` alone. While wrapped, :func:`plain_state_dict` is
+the model's state under its plain names (what a checkpoint stores as the model) and the adapter tensors travel
+in the fine-tune state (``"adapters"``), so a resume loads the plain model strictly, re-wraps it, and loads the
+adapters strictly.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import re
+import sys
 import time
 from collections.abc import Callable, Iterable, Sized
 from dataclasses import asdict, dataclass
@@ -33,7 +46,10 @@ from ._progress import progress
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
 LOSSES = ("ce", "kd")
-_KD_DEFAULTS = {"loss": "ce", "temperature": 1.0, "kd_alpha": 1.0}
+# recorded by ``FinetuneConfig.to_dict`` only when they differ from these defaults
+_OPTIONAL_DEFAULTS: dict[str, Any] = {"loss": "ce", "temperature": 1.0, "kd_alpha": 1.0, "lora_rank": None,
+                                      "lora_alpha": None, "lora_dropout": 0.0}
+LORA_INSTALL = "pip install 'spectra_gpu[lora]'"
 
 
 @dataclass(frozen=True)
@@ -41,7 +57,10 @@ class FinetuneConfig:
     """Recovery fine-tune recipe. epochs: passes over the training batches; steps: optional cap on the total
     number of optimiser steps (the schedule spans min(epochs x batches, steps)); epochs=0 skips the stage.
     loss: "ce" (the task loss) or "kd" (distillation from the dense teacher, module docstring) with
-    ``temperature`` and ``kd_alpha`` (the KD term's weight; 1 - kd_alpha goes to the task loss)."""
+    ``temperature`` and ``kd_alpha`` (the KD term's weight; 1 - kd_alpha goes to the task loss). lora_rank: None
+    (default: every parameter trained) or the rank r of LoRA adapters on :func:`lora_targets`, the only
+    parameters trained, merged into the weights at the end (module docstring; needs peft); lora_alpha: their
+    scale numerator (the update is alpha / r x B A; default 2 r); lora_dropout: dropout on the adapters' input."""
 
     optimizer: str = "adam"
     lr: float = 1e-3
@@ -54,6 +73,9 @@ class FinetuneConfig:
     loss: str = "ce"
     temperature: float = 1.0
     kd_alpha: float = 1.0
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -68,13 +90,29 @@ class FinetuneConfig:
             _check_number("grad_clip", self.grad_clip, "None or a number > 0", lambda v: v > 0)
         _check_number("temperature", self.temperature, "a number > 0", lambda v: v > 0)
         _check_number("kd_alpha", self.kd_alpha, "a number in [0, 1]", lambda v: 0 <= v <= 1)
+        _check_int("lora_rank", self.lora_rank, 1, none_ok=True)
+        if self.lora_alpha is not None:
+            _check_number("lora_alpha", self.lora_alpha, "None or a number > 0", lambda v: v > 0)
+        _check_number("lora_dropout", self.lora_dropout, "a number in [0, 1)", lambda v: 0 <= v < 1)
+        if self.lora_rank is None:
+            for name, off in (("lora_alpha", None), ("lora_dropout", 0.0)):
+                if getattr(self, name) != off:
+                    raise ValueError(f"FinetuneConfig.{name}: expected {off} without lora_rank (LoRA is off), got "
+                                     f"{getattr(self, name)!r}; set lora_rank to use LoRA")
+
+    @property
+    def lora_alpha_used(self) -> float | None:
+        """The LoRA alpha in use: ``lora_alpha``, or 2 x ``lora_rank`` when not given (None without LoRA)."""
+        if self.lora_rank is None:
+            return None
+        return float(self.lora_alpha) if self.lora_alpha is not None else 2.0 * self.lora_rank
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields as a dict; the distillation fields only when they differ from their defaults, so a
-        cross-entropy recipe's record (and the configuration a resumed run is checked against) is the one it
-        had before distillation existed."""
+        """The fields as a dict; the distillation and LoRA fields only when they differ from their defaults, so
+        a full cross-entropy recipe's record (and the configuration a resumed run is checked against) is the one
+        it had before distillation and LoRA existed."""
         d = asdict(self)
-        for k, v in _KD_DEFAULTS.items():
+        for k, v in _OPTIONAL_DEFAULTS.items():
             if d[k] == v:
                 del d[k]
         return d
@@ -203,6 +241,151 @@ def teacher_logits(teacher: Teacher, batch: Any, loss_fn: Callable[[nn.Module, A
         return _logits(teacher(batch)).detach()
 
 
+# ---- LoRA -------------------------------------------------------------------------------------------------
+def lora_available() -> bool:
+    """Whether peft is installed (found on the path; not imported, which takes seconds)."""
+    return importlib.util.find_spec("peft") is not None
+
+
+def _peft(cfg: FinetuneConfig) -> tuple[Any, Any]:
+    """(peft's LoraConfig, LoraModel), or an ImportError saying how to install peft."""
+    try:
+        from peft import LoraConfig
+        from peft.tuners.lora import LoraModel
+    except ImportError as e:
+        raise ImportError(f"FinetuneConfig.lora_rank={cfg.lora_rank}: LoRA recovery needs peft, which cannot be "
+                          f"imported ({e}): {LORA_INSTALL}") from None
+    return LoraConfig, LoraModel
+
+
+def lora_targets(model: nn.Module) -> list[str]:
+    """The names of the nn.Linear modules a LoRA fine-tune adapts: those inside repeated blocks (the entries of an
+    nn.ModuleList of >= 2 modules of one class: a transformer's layers, an MLP's hidden layers), so not the
+    embeddings, LM head or classifier head. A model without such blocks: every nn.Linear but the last one
+    registered (its head, by the usual order), or that one when it is the only one. The output embeddings of a
+    Hugging Face model (the LM head, often tied to the input embeddings) are never adapted. Empty when the model
+    has no other nn.Linear."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    try:
+        head = get_out() if callable(get_out) else None
+    except (NotImplementedError, AttributeError):
+        head = None
+    linear = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+    blocks = [n for n, m in model.named_modules()
+              if isinstance(m, nn.ModuleList) and len(m) >= 2 and len({type(b) for b in m}) == 1]
+    inside = [n for n, _ in linear if any(n.startswith(f"{b}.") for b in blocks)]
+    if inside:
+        return inside
+    return [n for n, _ in linear[:-1]] or [n for n, _ in linear]
+
+
+def check_lora(model: nn.Module, cfg: FinetuneConfig) -> None:
+    """Refuse a LoRA fine-tune (``cfg.lora_rank`` set) that cannot run: ValueError for a model with no nn.Linear
+    to adapt (:func:`lora_targets`), ImportError without peft. Nothing without LoRA."""
+    if cfg.lora_rank is None:
+        return
+    if not lora_targets(model):
+        linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        raise ValueError(f"FinetuneConfig.lora_rank: LoRA expected a model with nn.Linear layers besides its output "
+                         f"embeddings, got a {type(model).__name__} with "
+                         f"{'only ' + ', '.join(linear) if linear else 'none'}; fine-tune without lora_rank")
+    _peft(cfg)
+
+
+def lora_summary(model: nn.Module, cfg: FinetuneConfig) -> dict[str, Any] | None:
+    """What a LoRA fine-tune of ``model`` adapts and trains: {rank, alpha, dropout, modules (adapted), trainable_params
+    (r x (in + out) per module: the adapters' A and B), params (the model's, without adapters)}; None without
+    LoRA."""
+    if cfg.lora_rank is None:
+        return None
+    r = cfg.lora_rank
+    mods = dict(model.named_modules())
+    names = lora_targets(model)
+    return {"rank": r, "alpha": cfg.lora_alpha_used, "dropout": cfg.lora_dropout, "modules": len(names),
+            "trainable_params": sum(r * (mods[n].in_features + mods[n].out_features) for n in names),
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """{name: module} of the peft adapter layers wrapping modules of ``model`` (none when peft was never
+    imported: then nothing can be wrapped)."""
+    if sys.modules.get("peft") is None:
+        return {}
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    tuner: Any = BaseTunerLayer  # Any: a peft layer is an nn.Module, which peft's annotations do not say
+    return {n: m for n, m in model.named_modules() if isinstance(m, tuner)}
+
+
+def _split_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(the state_dict under the plain model's names: a wrapped layer's ``<name>.base_layer.<t>`` as
+    ``<name>.<t>``, the adapter tensors of the wrapped layers under their own names), both views of the
+    model's tensors."""
+    state = model.state_dict()
+    rename: dict[str, str] = {}
+    adapters: set[str] = set()
+    for name, layer in _lora_layers(model).items():
+        base = f"{name}.base_layer."
+        for key in layer.state_dict(prefix=f"{name}."):
+            if key.startswith(base):
+                rename[key] = f"{name}.{key[len(base):]}"
+            else:
+                adapters.add(key)
+    plain = {rename.get(k, k): v for k, v in state.items() if k not in adapters}
+    return plain, {k: v for k, v in state.items() if k in adapters}
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` as the unwrapped model would have it: during a LoRA fine-tune the base layers'
+    tensors under their plain names and no adapter tensor (``adapter_state`` has those); otherwise the state_dict
+    itself. What a checkpoint stores as the model, so it always loads strictly into the plain model."""
+    return _split_state(model)[0] if _lora_layers(model) else model.state_dict()
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors of a model wrapped for a LoRA fine-tune ({} otherwise), as views."""
+    return _split_state(model)[1] if _lora_layers(model) else {}
+
+
+class _Lora:
+    """A model wrapped in place for a LoRA fine-tune (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, cfg: FinetuneConfig, seed: int) -> None:
+        check_lora(model, cfg)
+        LoraConfig, LoraModel = _peft(cfg)
+        self.model = model
+        self.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        names = lora_targets(model)
+        pattern = "|".join(re.escape(n) for n in names)
+        conf = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha_used, lora_dropout=cfg.lora_dropout,
+                          target_modules=f"^(?:{pattern})$", bias="none")
+        # the adapters' initial values depend on the seed only, not on what ran before in this process
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.tuner = LoraModel(model, conf, "default")
+
+    def load(self, saved: dict[str, torch.Tensor]) -> None:
+        """Copy the adapter tensors of a checkpoint (``adapter_state`` of the same run) into the adapters."""
+        own = adapter_state(self.model)
+        bad = sorted(set(own) ^ set(saved)) or [k for k in own if tuple(own[k].shape) != tuple(saved[k].shape)]
+        if bad:
+            raise ValueError(f"resume: the checkpoint's LoRA adapters do not fit the model's ({len(own)} expected, "
+                             f"{len(saved)} stored; first mismatch {bad[0]!r})")
+        with torch.no_grad():
+            for k, t in own.items():
+                t.copy_(saved[k])
+
+    def unwrap(self, merge: bool) -> None:
+        """Replace every adapter layer by its base layer, merging the adapters into its weight if ``merge``;
+        the parameters' requires_grad flags as they were before wrapping."""
+        if merge:
+            self.tuner.merge_and_unload()
+        else:
+            self.tuner.unload()
+        for n, p in self.model.named_parameters():
+            p.requires_grad_(self.requires_grad.get(n, p.requires_grad))
+
+
 def finetune(model: torch.nn.Module, batches: Callable[[int], Iterable[Any]],
              loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor], cfg: FinetuneConfig, *, seed: int = 0,
              state: dict[str, Any] | None = None,
@@ -213,9 +396,12 @@ def finetune(model: torch.nn.Module, batches: Callable[[int], Iterable[Any]],
 
     batches(epoch) -> the epoch's batches (a sized iterable, same for the same epoch); loss_fn(model, batch)
     -> scalar loss. state: a dict previously handed to ``on_epoch_end`` (resume from it); on_epoch_end gets,
-    after every epoch, {epoch (completed), step, optimizer, scheduler, history} to checkpoint. teacher (needed
-    by ``loss="kd"``, ignored otherwise): the dense model (a module, e.g. a copy kept before pruning; not
-    trained, not stored in the state: pass the same one on resume) or a callable batch -> teacher logits.
+    after every epoch, {epoch (completed), step, optimizer, scheduler, history} to checkpoint (with
+    ``lora_rank`` also adapters: ``adapter_state``, the model being wrapped then: store it with
+    ``plain_state_dict``). teacher (needed by ``loss="kd"``, ignored otherwise): the dense model (a module, e.g. a
+    copy kept before pruning; not trained, not stored in the state: pass the same one on resume) or a callable
+    batch -> teacher logits. With ``cfg.lora_rank`` the model comes back plain, the adapters merged (module
+    docstring); ImportError without peft.
     """
     if not isinstance(cfg, FinetuneConfig):
         raise TypeError(f"cfg: expected a FinetuneConfig, got {type(cfg).__name__}")
@@ -234,7 +420,31 @@ def finetune(model: torch.nn.Module, batches: Callable[[int], Iterable[Any]],
     first = batches(0)
     if not isinstance(first, Sized) or len(first) == 0:
         raise ValueError("finetune: expected batches(epoch) to return a non-empty sized iterable of batches")
-    per_epoch = len(first)
+    lora = _Lora(model, cfg, seed) if cfg.lora_rank is not None else None  # checks peft and the model first
+    try:
+        if lora is not None and state:
+            if "adapters" not in state:
+                raise ValueError("resume: the fine-tune state holds no LoRA adapters, but the run uses lora_rank="
+                                 f"{cfg.lora_rank}; start a new run directory")
+            lora.load(state["adapters"])
+        _train(model, first, len(first), batches, loss_fn, cfg, seed, state, on_epoch_end, desc, teacher, history)
+    except BaseException:
+        if lora is not None:
+            lora.unwrap(merge=False)  # the weights the fine-tune started from, plain again
+        raise
+    if lora is not None:
+        lora.unwrap(merge=True)
+    model.eval()
+    return history
+
+
+def _train(model: torch.nn.Module, first: Iterable[Any], per_epoch: int, batches: Callable[[int], Iterable[Any]],
+           loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor], cfg: FinetuneConfig, seed: int,
+           state: dict[str, Any] | None, on_epoch_end: Callable[[dict[str, Any]], None] | None, desc: str,
+           teacher: Teacher | None, history: list[dict[str, Any]]) -> None:
+    """The epochs of :func:`finetune` (arguments checked there; ``first`` = batches(0), of ``per_epoch``
+    batches), appending to ``history``."""
+    kd = cfg.loss == "kd"
     total = per_epoch * cfg.epochs if cfg.steps is None else min(per_epoch * cfg.epochs, cfg.steps)
     epochs = math.ceil(total / per_epoch)
     opt = make_optimizer(model, cfg)
@@ -285,11 +495,13 @@ def finetune(model: torch.nn.Module, batches: Callable[[int], Iterable[Any]],
             rec.update(kd=tot_kd / max(cnt, 1), task=tot_task / max(cnt, 1))
         history.append(rec)
         if on_epoch_end is not None:
-            on_epoch_end({"epoch": epoch + 1, "step": step, "optimizer": opt.state_dict(),
-                          "scheduler": sched.state_dict(), "history": list(history)})
-    model.eval()
-    return history
+            ft: dict[str, Any] = {"epoch": epoch + 1, "step": step, "optimizer": opt.state_dict(),
+                                  "scheduler": sched.state_dict(), "history": list(history)}
+            if cfg.lora_rank is not None:
+                ft["adapters"] = adapter_state(model)
+            on_epoch_end(ft)
 
 
-__all__ = ["LOSSES", "OPTIMIZERS", "SCHEDULES", "FinetuneConfig", "Teacher", "check_batches_fn", "finetune",
-           "kd_loss", "loss_and_logits", "make_optimizer", "teacher_logits"]
+__all__ = ["LORA_INSTALL", "LOSSES", "OPTIMIZERS", "SCHEDULES", "FinetuneConfig", "Teacher", "adapter_state",
+           "check_batches_fn", "check_lora", "finetune", "kd_loss", "lora_available", "lora_summary", "lora_targets",
+           "loss_and_logits", "make_optimizer", "plain_state_dict", "teacher_logits"]

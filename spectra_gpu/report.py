@@ -164,6 +164,12 @@ def markdown(report: dict[str, Any], plots: dict[str, str], note: str | None = N
         lines += ["", "## Recovery fine-tune", "", "| epoch | steps | mean loss | seconds |", "|---|---|---|---|"]
         lines += [f"| {h['epoch']} | {h['steps']} | {_fmt(h['loss'])} | {_fmt(h['seconds'], 1)} |"
                   for h in r["finetune_history"]]
+        lo = r.get("finetune_lora")
+        if lo:
+            lines += ["", f"LoRA: rank {lo['rank']}, alpha {_fmt(lo['alpha'], 1)}, dropout {_fmt(lo['dropout'], 2)} on "
+                      f"{lo['modules']} nn.Linear modules: {_fmt(lo['trainable_params'])} trainable parameters "
+                      f"({lo['trainable_params'] / max(lo['params'], 1):.2%} of {_fmt(lo['params'])}), merged into "
+                      "the weights after the last step"]
     env = r.get("environment")
     if env:
         git = env.get("git") or {}

@@ -11,6 +11,12 @@ metadata, the model's ``state_dict`` and the fine-tune's optimiser state as tens
 resume. The model's structure is not stored: the caller rebuilds it by re-applying the recorded per-round
 removals to the freshly constructed model (rounds never update parameters, so that is exact), then loads
 the saved state_dict (:func:`load_model_state`).
+
+During a LoRA fine-tune (``FinetuneConfig.lora_rank``) the model is wrapped by adapters; its tensors are
+stored under the plain model's names all the same (``finetune.plain_state_dict``: the frozen base weights,
+loading strictly into the rebuilt plain model), and the adapter tensors travel in the fine-tune state (its
+``"adapters"`` entry, stored as tensors like the optimiser's), which the fine-tune loads strictly after
+re-wrapping the model. So the format is the same with and without LoRA.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from torch import nn
 
 from . import accounting, faults
 from . import io as _io
+from .finetune import plain_state_dict
 from .report import atomic_replace, load_report, write_report
 from .rounds import Baseline, RoundRecord
 
@@ -50,7 +57,7 @@ class RunState:
     group, the refit's ``Refit.summary()`` (empty: not compensated); metric_after_compensation: the metric
     after it. numerical_repairs: {kind of repair: count} of the numerical warnings so far
     (``errors.counted_repairs``). finetune_state: the fine-tune's resume point ({epoch, step, optimizer, scheduler,
-    history}) while it runs.
+    history}; a LoRA fine-tune's also adapters) while it runs.
     """
 
     config: dict[str, Any]
@@ -149,12 +156,13 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def _model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The model's state_dict as separate CPU tensors (safetensors stores no shared memory) and
-    {alias: stored name} for entries that are the same tensor (tied weights), stored once."""
+    """The model's state_dict (under the plain model's names: ``finetune.plain_state_dict``) as separate CPU
+    tensors (safetensors stores no shared memory) and {alias: stored name} for entries that are the same
+    tensor (tied weights), stored once."""
     out: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     first: dict[tuple[Any, ...], str] = {}
-    for name, t in model.state_dict().items():
+    for name, t in plain_state_dict(model).items():  # the plain names, also while LoRA wraps the model
         key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
                t.dtype)
         if t.numel() and key in first:

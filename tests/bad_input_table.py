@@ -177,6 +177,35 @@ def _prune_with_batches_list(tmp: Path) -> Any:
         assert "round_start" not in rounds, "refused only after pruning rounds had run"
 
 
+def _prune_lora_no_linear(tmp: Path) -> Any:
+    import torch
+
+    import spectra_gpu as sg
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+    calib = [torch.randn(4, 1, 8, 8) for _ in range(2)]
+    cfg = sg.PruneConfig(target=0.3, finetune=sg.FinetuneConfig(lora_rank=4))
+    return sg.prune(model, calib, cfg, loss_fn=lambda m, b: m(b).square().mean(), train_batches=lambda ep: calib,
+                    plots=False)
+
+
+def _prune_lora_without_peft(tmp: Path) -> Any:
+    import spectra_gpu as sg
+
+    model, calib, loss = _mlp()
+    cfg = sg.PruneConfig(target=0.3, kinds=("neuron",), finetune=sg.FinetuneConfig(lora_rank=4))
+    had = sys.modules.get("peft", False)
+    sys.modules["peft"] = None  # type: ignore[assignment]  # `import peft` fails as if it were not installed
+    try:
+        return sg.prune(model, calib, cfg, loss_fn=loss, train_batches=lambda ep: calib, plots=False)
+    finally:
+        if had is False:
+            del sys.modules["peft"]
+        else:
+            sys.modules["peft"] = had  # type: ignore[assignment]
+
+
 def _prune_calib_empty(tmp: Path) -> Any:
     import spectra_gpu as sg
 
@@ -280,6 +309,14 @@ CASES: tuple[Case, ...] = (
          unwanted=("None or",)),
     Case("cli-epochs-negative", "`--epochs -1`", EXIT, ("epochs", "-1"), argv=(*PRUNE, "--epochs", "-1")),
     Case("cli-lr-word", "`--lr fast`", EXIT, ("lr", "fast"), argv=(*PRUNE, "--lr", "fast")),
+    Case("cli-lora-rank-0", "`--lora-rank 0`", EXIT, ("lora-rank", ">= 1", "0"), argv=(*PRUNE, "--lora-rank", "0"),
+         absent=("out",)),
+    Case("cli-lora-rank-word", "`--lora-rank big`", EXIT, ("lora-rank", "integer", "big"),
+         argv=(*PRUNE, "--lora-rank", "big"), absent=("out",)),
+    Case("cli-lora-alpha-0", "`--lora-alpha 0`", EXIT, ("lora-alpha", "> 0", "0"),
+         argv=(*PRUNE, "--lora-rank", "4", "--lora-alpha", "0"), absent=("out",)),
+    Case("cli-lora-alpha-alone", "`--lora-alpha` without `--lora-rank`", EXIT, ("--lora-alpha", "--lora-rank", "8"),
+         argv=(*PRUNE, "--lora-alpha", "8"), absent=("out",)),
     Case("cli-kinds-unknown", "`--kinds` not a unit kind", EXIT, ("kinds", "bogus"), argv=(*PRUNE, "--kinds", "bogus")),
     # -- the CLI: run directories --
     Case("cli-out-is-a-file", "`--out` an existing file", EXIT, ("out", "file"), argv=PRUNE,
@@ -349,6 +386,18 @@ CASES: tuple[Case, ...] = (
          ("optimizer", "adam", "rmsprop"), call=_config("FinetuneConfig", optimizer="rmsprop")),
     Case("api-finetuneconfig-steps", "`FinetuneConfig(steps=0)`", ValueError, ("steps", ">= 1", "0"),
          call=_config("FinetuneConfig", steps=0)),
+    Case("api-finetuneconfig-lora-rank", "`FinetuneConfig(lora_rank=0)`", ValueError, ("lora_rank", ">= 1", "0"),
+         call=_config("FinetuneConfig", lora_rank=0)),
+    Case("api-finetuneconfig-lora-rank-type", "`FinetuneConfig(lora_rank=2.5)`", TypeError,
+         ("lora_rank", "integer", "float"), call=_config("FinetuneConfig", lora_rank=2.5)),
+    Case("api-finetuneconfig-lora-alpha-alone", "`FinetuneConfig(lora_alpha=8)` (no `lora_rank`)", ValueError,
+         ("lora_alpha", "without lora_rank", "8"), call=_config("FinetuneConfig", lora_alpha=8)),
+    Case("api-finetuneconfig-lora-dropout", "`FinetuneConfig(lora_rank=4, lora_dropout=1)`", ValueError,
+         ("lora_dropout", "[0, 1)", "1"), call=_config("FinetuneConfig", lora_rank=4, lora_dropout=1)),
+    Case("api-prune-lora-no-linear", "`sg.prune` with `lora_rank` on a model without nn.Linear layers", ValueError,
+         ("lora_rank", "nn.Linear", "Sequential"), call=_prune_lora_no_linear),
+    Case("api-prune-lora-no-peft", "`sg.prune` with `lora_rank` where peft is not installed", ImportError,
+         ("lora_rank", "needs peft", "pip install 'spectra_gpu[lora]'"), call=_prune_lora_without_peft),
     Case("api-check-batches-list", "`finetune.check_batches_fn([...])`", TypeError, ("callable", "list", "lambda"),
          call=_check_batches_list),
     Case("api-declare-group-name", "`sg.declare_group` with a module name the model does not have", ValueError,
