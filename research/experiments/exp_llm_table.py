@@ -54,9 +54,35 @@ def command(cell: str, out: Path) -> list[str]:
 
 
 def run(cell: str, work: Path, threads: int) -> str:
+    """Run one cell unless its JSON exists or another sweep holds its lock (``<cell>.running`` beside the
+    JSONs: several sweeps may share the cells; a sweep that died leaves its locks, delete them)."""
     dest = RESULTS / f"{cell}.json"
     if dest.exists():
         return f"{cell}: done before"
+    lock = RESULTS / f"{cell}.running"
+    try:
+        os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return f"{cell}: running in another sweep"
+    try:
+        return _run(cell, dest, work, threads)
+    finally:
+        lock.unlink()
+
+
+def collect(cell: str, out: Path, dest: Path) -> None:
+    """Copy ``out``/report.json into ``dest`` atomically, without the per-unit score distributions and the
+    eigenvalues (the table does not read them), then delete ``out``."""
+    report = json.loads((out / "report.json").read_text())
+    for big in ("score_distributions", "eigenvalues"):
+        report.pop(big, None)
+    tmp = dest.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    tmp.replace(dest)
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def _run(cell: str, dest: Path, work: Path, threads: int) -> str:
     out = work / cell
     shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
@@ -67,14 +93,7 @@ def run(cell: str, work: Path, threads: int) -> str:
         rc = subprocess.call(command(cell, out), env=env, stdout=fh, stderr=subprocess.STDOUT)
     if rc != 0:
         return f"{cell}: FAILED (exit {rc}), see {log}"
-    report = json.loads((out / "report.json").read_text())
-    report["wall_seconds"] = time.time() - t
-    for big in ("score_distributions", "eigenvalues"):
-        report.pop(big, None)
-    tmp = dest.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(dest)
-    shutil.rmtree(out, ignore_errors=True)
+    collect(cell, out, dest)
     return f"{cell}: {time.time() - t:.0f} s"
 
 
@@ -85,6 +104,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", type=Path, default=Path("/tmp/spectra-llm-table"))
     ap.add_argument("--list", action="store_true", help="print each cell's command and exit")
+    ap.add_argument("--collect", type=Path, metavar="DIR",
+                    help="copy the report of a finished run directory DIR of the one cell given, then exit")
     a = ap.parse_args()
     unknown = [c for c in a.cells if c not in CELLS]
     if unknown:
@@ -95,6 +116,11 @@ def main() -> None:
             print(f"{c}: spectra prune " + " ".join(command(c, Path("DIR"))[2:]))
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if a.collect is not None:
+        if len(a.cells) != 1:
+            ap.error("--collect: expected exactly one cell")
+        collect(a.cells[0], a.collect, RESULTS / f"{a.cells[0]}.json")
+        return
     a.work.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(a.jobs) as pool:
         for line in pool.map(lambda c: run(c, a.work, a.threads), cells):

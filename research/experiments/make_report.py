@@ -310,7 +310,9 @@ def driver_table(folder: str) -> str:
 def llm_table(folder: str) -> str:
     """The LLM table from the report.json files exp_llm_table.py copied into results/<folder>/: one row per
     criterion and target, perplexity after pruning, after compensation and (where that cell ran) after the CE and
-    the KD recovery fine-tune."""
+    the KD recovery fine-tune. A recovery cell runs the same pruning and compensation as its row's cell (the
+    rounds update no parameter), so a row whose own cell did not run takes those two figures from it; where
+    several ran, their after-compensation figures are listed below the table (a reproduction check)."""
     runs = {p.stem: json.loads(p.read_text()) for p in sorted((EVIDENCE / folder).glob("*.json"))}
     if not runs:
         return f"*(not run yet: {folder})*\n"
@@ -319,19 +321,29 @@ def llm_table(folder: str) -> str:
     def ppl(x: float | None) -> str:
         return "-" if x is None else f"{x:,.1f}"
 
-    out = (f"Dense perplexity {dense:.2f}. \"-\": not run (compute, see below).\n\n"
-           "| cell | criterion | EPR total / prunable | rounds | after pruning | after compensation "
-           "| after CE recovery | after KD recovery | minutes (1 thread) |\n|---|---|---|---|---|---|---|---|---|\n")
-    base = {k: r for k, r in runs.items() if not k.endswith(("-ce", "-kd"))}
-    for name, r in sorted(base.items(), key=lambda kv: (kv[1]["config"]["target"], kv[0])):
+    rows: dict[str, list[str]] = {}
+    for cell in runs:
+        rows.setdefault(cell.removesuffix("-ce").removesuffix("-kd"), []).append(cell)
+    out = (f"Dense perplexity {dense:.2f}. \"-\": not run (compute, see below). Minutes: each cell's "
+           "`seconds_total`, 1 thread, two cells at a time.\n\n"
+           "| row | criterion | EPR total / prunable | rounds | after pruning | after compensation "
+           "| after CE recovery | after KD recovery | minutes |\n|---|---|---|---|---|---|---|---|---|\n")
+    repeats = []
+    for name, cells in sorted(rows.items(), key=lambda kv: (runs[kv[1][0]]["config"]["target"], kv[0])):
+        r = runs[name] if name in runs else runs[cells[0]]
         crit = r["scorer"] + (f" (seed {r['config']['seed']})" if r["scorer"] == "random" else "")
         crit += ", one per neighbourhood" if r["config"]["one_per_neighbourhood"] else ""
         rec = {loss: runs.get(f"{name}-{loss}") for loss in ("ce", "kd")}
-        minutes = "/".join(f"{x['wall_seconds'] / 60:.0f}" for x in [r, *[v for v in rec.values() if v]])
+        minutes = " / ".join(f"{runs[c]['seconds_total'] / 60:.0f}" for c in sorted(cells))
         out += (f"| `{name}` | {crit} | {r['epr']:.3f} / {r['epr_prunable']:.3f} | {len(r['rounds'])} | "
                 f"{ppl(r['metric_after_prune'])} | {ppl(r.get('metric_after_compensation'))} | "
                 f"{ppl(rec['ce'] and rec['ce']['metric_after_finetune'])} | "
                 f"{ppl(rec['kd'] and rec['kd']['metric_after_finetune'])} | {minutes} |\n")
+        if len(cells) > 1:
+            repeats.append(f"`{name}`: " + ", ".join(
+                f"{runs[c]['metric_after_compensation']!r} (`{c}`)" for c in sorted(cells)))
+    if repeats:
+        out += "\nAfter-compensation perplexity of the cells that share a row's pruning: " + "; ".join(repeats) + ".\n"
     return out
 
 
