@@ -1,17 +1,20 @@
 """The transformer families unit discovery, surgery and saving know, described once: module paths to unit roles.
 
 Each family names, relative to the module that holds them, the FFN producer(s), activation and consumer, and
-the attention q / k / v / out projections (a fused projection is split into equal row parts, ``"c_attn#2/3"``
-= the third third of ``c_attn``'s output rows), the attention attributes that hold head counts (written back by
-surgery and by ``load_pruned``), and the config fields that describe the widths (used by ``io.save_pruned`` to
-write a standard ``config.json``). A model whose ``config.model_type`` is listed (the types tested) is matched
-against its own family's layouts only; any other model against every layout, by structure, so a copy of a listed
-layout under another name (an ELECTRA, a renamed Llama) is found too.
+the attention q / k / v / out projections (a fused projection is split into row parts: equal ones,
+``"c_attn#2/3"`` = the third third of ``c_attn``'s output rows; or a lead part and equal others,
+``"qkv_proj#1/3:o_proj"`` = the second of three parts of ``qkv_proj``, the first as wide as ``o_proj``'s input,
+the other two sharing the remaining rows: Phi-3's q | k | v with fewer KV heads), the attention attributes that
+hold head counts (written back by surgery and by ``load_pruned``; ``"config.<field>"``: a field of the module's
+config, which a pruned module then owns, see ``LayerConfig``), and the config fields that describe the widths
+(used by ``io.save_pruned`` to write a standard ``config.json``). A model whose ``config.model_type`` is listed
+(the types tested) is matched against its own family's layouts only; any other model against every layout, by
+structure, so a copy of a listed layout under another name (an ELECTRA, a renamed Llama) is found too.
 
 | family | model types | FFN producers -> consumer | attention q, k, v -> out | head-count attributes |
 | --- | --- | --- | --- | --- |
 | llama | Llama, Mistral, Qwen2/3, Gemma 1-3 | gate_proj + up_proj -> down_proj | q/k/v_proj -> o_proj (GQA) | n_rep |
-| phi3 | Phi-3 | gate_up_proj (fused halves) -> down_proj | not covered (``missing``) | - |
+| phi3 | Phi-3 | gate_up_proj (halves) -> down_proj | qkv_proj (q, k, v) -> o_proj (GQA) | num_key_value_*, config.* |
 | gpt2 | GPT-2 | c_fc -> c_proj (Conv1D) | c_attn (fused thirds) -> c_proj | num_heads, split_size |
 | opt | OPT | fc1 -> fc2 (on the layer) | q/k/v_proj -> out_proj | num_heads |
 | bert | BERT, RoBERTa | intermediate.dense -> output.dense | self.query/key/value -> output.dense | heads |
@@ -46,30 +49,55 @@ def out_width(m: nn.Module) -> int:
     return int(m.weight.shape[1] if is_conv1d(m) else m.weight.shape[0])  # type: ignore[index]
 
 
+def in_width(m: nn.Module) -> int:
+    """Input features of a Linear or Conv1D."""
+    return int(m.weight.shape[0] if is_conv1d(m) else m.weight.shape[1])  # type: ignore[index]
+
+
 class LinearView(nn.Linear):
-    """An ``nn.Linear``-shaped view of output rows ``part`` of ``parts`` equal parts of ``base`` (an nn.Linear or
-    a transformers Conv1D); parts=1 is the whole module. ``weight`` is [rows, in] (a view: in-place writes reach
-    the base), ``bias`` the rows' bias; forward hooks registered here see only this part's output columns,
-    forward pre-hooks the base's input. Calling the view computes this part's output. Not a submodule."""
+    """An ``nn.Linear``-shaped view of output rows ``part`` of ``parts`` parts of ``base`` (an nn.Linear or a
+    transformers Conv1D); parts=1 is the whole module. The parts are equal, or, with ``lead`` (a Linear / Conv1D),
+    part 0 is as wide as ``lead``'s input and parts 1.. share the remaining rows equally (Phi-3 ``qkv_proj``: the
+    queries are as wide as ``o_proj``'s input, keys and values split the rest). Widths follow the modules' current
+    shapes. ``weight`` is [rows, in] (a view: in-place writes reach the base), ``bias`` the rows' bias; forward
+    hooks registered here see only this part's output columns, forward pre-hooks the base's input. Calling the
+    view computes this part's output. Not a submodule (neither is ``lead``)."""
 
     base: Any  # the real module (kept in __dict__: not a submodule)
     part: int
     parts: int
+    lead: Any  # the module whose input width is part 0's width, or None (equal parts)
 
-    def __init__(self, base: nn.Module, part: int = 0, parts: int = 1):
+    def __init__(self, base: nn.Module, part: int = 0, parts: int = 1, lead: nn.Module | None = None):
         nn.Module.__init__(self)
-        if not (isinstance(base, nn.Linear) or is_conv1d(base)):
-            raise TypeError(f"LinearView: expected an nn.Linear or Conv1D base, got {type(base).__name__}")
-        if not 0 <= part < parts or out_width(base) % parts:
-            raise ValueError(f"LinearView: expected part in [0, {parts}) of a width divisible by {parts}, got part "
-                             f"{part} of width {out_width(base)}")
-        self.__dict__.update(base=base, part=part, parts=parts)
+        for what, m in (("base", base), ("lead", lead)):
+            if (m is not None or what == "base") and not (isinstance(m, nn.Linear) or is_conv1d(m)):
+                raise TypeError(f"LinearView: expected an nn.Linear or Conv1D {what}, got {type(m).__name__}")
+        if not 0 <= part < parts:
+            raise ValueError(f"LinearView: expected part in [0, {parts}), got {part}")
+        self.__dict__.update(base=base, part=part, parts=parts, lead=lead)
+        self.widths()  # the shapes split as described (else ValueError)
+
+    def widths(self) -> tuple[int, ...]:
+        """Every part's row count, from the base's (and lead's) current shapes."""
+        total, n = out_width(self.base), self.parts
+        if self.lead is None:
+            if total % n:
+                raise ValueError(f"LinearView: expected a width divisible by {n}, got {total}")
+            return (total // n,) * n
+        first = in_width(self.lead)
+        rest = total - first
+        if n < 2 or rest < 0 or rest % (n - 1):
+            raise ValueError(f"LinearView: expected {total} rows = the lead's input width {first} + {n - 1} equal "
+                             f"parts, got {rest} rows left for them")
+        return (first, *(rest // (n - 1),) * (n - 1))
 
     @property
     def rows(self) -> slice:
-        """This part's output rows of the base (from the base's current width)."""
-        n = out_width(self.base) // self.parts
-        return slice(self.part * n, (self.part + 1) * n)
+        """This part's output rows of the base (from the current widths)."""
+        w = self.widths()
+        start = sum(w[: self.part])
+        return slice(start, start + w[self.part])
 
     @property
     def weight(self) -> Tensor:
@@ -91,7 +119,7 @@ class LinearView(nn.Linear):
 
     @property
     def in_features(self) -> int:
-        return int(self.base.weight.shape[0] if is_conv1d(self.base) else self.base.weight.shape[1])
+        return in_width(self.base)
 
     @in_features.setter
     def in_features(self, _value: int) -> None:
@@ -99,7 +127,7 @@ class LinearView(nn.Linear):
 
     @property
     def out_features(self) -> int:
-        return out_width(self.base) // self.parts
+        return self.widths()[self.part]
 
     @out_features.setter
     def out_features(self, _value: int) -> None:
@@ -150,11 +178,13 @@ class FfnRoles:
 
 @dataclass(frozen=True)
 class AttnRoles:
-    """Paths, relative to the matched module, of q, k, v (fused parts as in FfnRoles) and the out-projection;
-    ``core``: the module holding ``head_dim_attr`` and the head-count attributes (``count_attrs``: attribute ->
-    "heads" | "kv_heads" | "groups" | "width" (= heads * head_dim), written when present). ``gqa``: whether k/v
-    may have fewer heads than q. ``refuse_attr``: an attribute that, when truthy, means the layout differs
-    (GPT-2 cross-attention)."""
+    """Paths, relative to the matched module, of q, k, v (fused parts as in FfnRoles, or ``"name#i/n:lead"``:
+    part 0 as wide as ``lead``'s input, the others equal) and the out-projection; ``core``: the module holding
+    ``head_dim_attr`` and the head-count attributes (``count_attrs``: attribute -> "heads" | "kv_heads" |
+    "groups" | "width" (= heads * head_dim), written when present; a dotted ``"config.field"`` is a field of an
+    object the module shares with other layers, so a module whose count changes gets its own ``LayerConfig``
+    view of it first). ``gqa``: whether k/v may have fewer heads than q. ``refuse_attr``: an attribute that,
+    when truthy, means the layout differs (GPT-2 cross-attention)."""
 
     q: str
     k: str
@@ -190,6 +220,10 @@ class Family:
     missing: str = ""
 
 
+# Phi3Attention.forward reads the query width from self.config.num_attention_heads (shared by every layer),
+# the key/value widths from self.num_key_value_heads, num_key_value_groups for repeat_kv / GQA, and head_dim.
+_PHI3_COUNTS = (("num_key_value_groups", "groups"), ("num_key_value_heads", "kv_heads"),
+                ("config.num_attention_heads", "heads"), ("config.num_key_value_heads", "kv_heads"))
 _LLAMA_COUNTS = (("num_key_value_groups", "groups"), ("num_heads", "heads"), ("num_key_value_heads", "kv_heads"),
                  ("num_attention_heads", "heads"))
 
@@ -200,9 +234,9 @@ FAMILIES: tuple[Family, ...] = (
            config=ConfigFields("intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")),
     Family("phi3", ("phi3",),
            ffn=(FfnRoles(("gate_up_proj#0/2", "gate_up_proj#1/2"), "down_proj", None),),
-           attn=(),
-           missing="attention heads: Phi-3 attention splits its fused qkv_proj with the shared config's "
-                   "num_attention_heads, so heads cannot be removed per layer (FFN neurons are covered)"),
+           attn=(AttnRoles("qkv_proj#0/3:o_proj", "qkv_proj#1/3:o_proj", "qkv_proj#2/3:o_proj", "o_proj",
+                           count_attrs=_PHI3_COUNTS, gqa=True),),
+           config=ConfigFields("intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")),
     Family("gpt2", ("gpt2",),
            ffn=(FfnRoles(("c_fc",), "c_proj", "act"),),
            attn=(AttnRoles("c_attn#0/3", "c_attn#1/3", "c_attn#2/3", "c_proj",
@@ -263,18 +297,31 @@ def family_of(model: nn.Module) -> Family | None:
     return None
 
 
-def resolve(root: nn.Module, path: str) -> nn.Module | None:
-    """The module at ``path`` under ``root`` (``"name#i/n"``: a LinearView of part i of n), or None when it is
-    absent or not a Linear / Conv1D."""
-    name, _, part = path.partition("#")
+def _linear_at(root: nn.Module, name: str) -> Any:
     m: Any = root
     for a in name.split("."):
         m = getattr(m, a, None) if isinstance(m, nn.Module) else None
-    if not (isinstance(m, nn.Linear) or is_conv1d(m)):
+    return m if isinstance(m, nn.Linear) or is_conv1d(m) else None
+
+
+def resolve(root: nn.Module, path: str) -> nn.Module | None:
+    """The module at ``path`` under ``root`` (``"name#i/n"``: a LinearView of part i of n equal parts;
+    ``"name#i/n:lead"``: of n parts, part 0 as wide as the input of ``lead``, also under ``root``), or None when
+    a module is absent or not a Linear / Conv1D, or its rows do not split so."""
+    name, _, part = path.partition("#")
+    m = _linear_at(root, name)
+    if m is None:
         return None
     if part:
-        i, n = (int(s) for s in part.split("/"))
-        return LinearView(m, i, n) if out_width(m) % n == 0 else None
+        spec, _, lead_path = part.partition(":")
+        i, n = (int(s) for s in spec.split("/"))
+        lead = _linear_at(root, lead_path) if lead_path else None
+        if lead_path and lead is None:
+            return None
+        try:
+            return LinearView(m, i, n, lead)
+        except ValueError:  # the rows do not split as the layout says: not this layout
+            return None
     return LinearView(m) if is_conv1d(m) else m
 
 
@@ -286,13 +333,54 @@ def attr_at(root: nn.Module, path: str) -> Any:
     return m
 
 
+class LayerConfig:
+    """One attention module's own view of a config its layer shares with every other layer (Phi-3 attention
+    reads its query width from ``self.config.num_attention_heads``). The fields named at creation are the
+    module's own (initialised from the shared config, then written by surgery); every other attribute is read
+    from, and written to, the shared config when accessed, so later changes to the model's config (its
+    attention implementation, ``set_attn_implementation``, ``sliding_window``) still reach the module. A shallow
+    copy would freeze those. Not a config class: ``to_dict`` and the like are the shared config's."""
+
+    def __init__(self, shared: Any, own: tuple[str, ...]):
+        self.__dict__["_shared"] = shared
+        for f in own:
+            self.__dict__[f] = getattr(shared, f)
+
+    def __getattr__(self, name: str) -> Any:  # only names that are not the module's own
+        shared = self.__dict__.get("_shared")
+        if shared is None or name.startswith("__"):  # copy / pickle probing a half-built instance
+            raise AttributeError(name)
+        return getattr(shared, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.__dict__:
+            self.__dict__[name] = value
+        else:
+            setattr(self._shared, name, value)
+
+    def __repr__(self) -> str:
+        own = {k: v for k, v in self.__dict__.items() if k != "_shared"}
+        return f"LayerConfig({type(self._shared).__name__}, own={own})"
+
+
 def set_head_counts(roles: AttnRoles, core: nn.Module, heads: int, kv_heads: int, head_dim: int) -> None:
-    """Write the attention module's head-count attributes (those it has) for ``heads`` query heads and
-    ``kv_heads`` KV heads."""
+    """Write the attention module's head-count attributes (those it has, as ints) for ``heads`` query heads and
+    ``kv_heads`` KV heads. A dotted ``"config.field"`` whose value changes first gives the module its own
+    ``LayerConfig`` view of ``core.config`` (owning every dotted field of ``roles``), so other layers keep
+    theirs; a module whose counts do not change keeps the shared object."""
     value = {"heads": heads, "kv_heads": kv_heads, "groups": heads // max(kv_heads, 1), "width": heads * head_dim}
     for attr, what in roles.count_attrs:
-        if hasattr(core, attr) and isinstance(getattr(core, attr), int):
-            setattr(core, attr, int(value[what]))
+        holder_name, _, leaf = attr.rpartition(".")
+        holder = attr_at(core, holder_name)
+        v = int(value[what])
+        if holder is None or not _is_int(getattr(holder, leaf, None)) or getattr(holder, leaf) == v:
+            continue
+        if holder_name and not isinstance(holder, LayerConfig):
+            own = tuple(a.rpartition(".")[2] for a, _ in roles.count_attrs if a.rpartition(".")[0] == holder_name)
+            holder = LayerConfig(holder, own)
+            parent, _, last = holder_name.rpartition(".")
+            setattr(attr_at(core, parent), last, holder)
+        setattr(holder, leaf, v)
 
 
 def declare_example(model: nn.Module) -> str:
@@ -343,6 +431,6 @@ def head_dim_of(roles: AttnRoles, core: Any) -> int | None:
     return int(hd) if _is_int(hd) and hd > 0 else None
 
 
-__all__ = ["FAMILIES", "AttnRoles", "ConfigFields", "Family", "FfnRoles", "LinearView", "attr_at", "base_of",
-           "coverage_line", "declare_example", "family", "family_of", "head_dim_of", "is_causal_lm", "is_conv1d",
-           "out_width", "resolve", "set_head_counts"]
+__all__ = ["FAMILIES", "AttnRoles", "ConfigFields", "Family", "FfnRoles", "LayerConfig", "LinearView", "attr_at",
+           "base_of", "coverage_line", "declare_example", "family", "family_of", "head_dim_of", "in_width",
+           "is_causal_lm", "is_conv1d", "out_width", "resolve", "set_head_counts"]

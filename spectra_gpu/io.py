@@ -8,8 +8,9 @@ and KV heads; whether the folder is standard), for Hugging Face models ``config.
 Standard folders: when a Hugging Face model's pruned widths are uniform across layers (one FFN width, one
 query-head and one KV-head count in every layer), ``config.json``'s own fields (``intermediate_size``,
 ``num_attention_heads``, ``num_key_value_heads``, an explicit ``head_dim``, on the text config of multimodal
-configs) are rewritten to describe the pruned model, and the rewrite is verified by building the class from it
-on the meta device and comparing every tensor shape. Such a folder loads with plain
+configs) are rewritten to describe the pruned model, and the rewrite is verified by reading it back as
+``from_pretrained`` would (the config class's validators run), building the class from it on the meta device and
+comparing every tensor shape. Such a folder loads with plain
 ``transformers.AutoModel*.from_pretrained`` / ``pipeline`` in a process that never imports spectra_gpu.
 Otherwise (widths differ across layers, or the architecture cannot express the pruned shapes, e.g. BERT,
 whose head size is ``hidden_size / num_attention_heads``) ``config.json`` keeps the unpruned architecture plus
@@ -146,9 +147,14 @@ def standard_config(model: nn.Module) -> tuple[Any, str]:
             setattr(text, fields.kv_heads, n_kv)
         if head_dim is not None and fields.head_dim is not None:
             setattr(text, fields.head_dim, head_dim)  # explicit: hidden_size / num_attention_heads may differ
+    try:  # what from_pretrained does with config.json, validators included (Phi-3 longrope checks its factors
+        # against hidden_size / num_attention_heads, so a head-pruned longrope Phi-3 cannot be described)
+        reread = type(cfg).from_dict(cfg.to_dict())
+    except Exception as e:
+        return None, f"{type(cfg).__name__} rejects the rewritten config ({' '.join(str(e).split())[:200]})"
     try:
         with torch.device("meta"):
-            probe = type(model)(cfg)
+            probe = type(model)(reread)
     except Exception as e:  # the class rejects the rewritten config (e.g. a divisibility check)
         return None, f"{type(model).__name__} cannot be built from the rewritten config: {e}"
     want, got = _state_shapes(model), _state_shapes(probe)

@@ -5,10 +5,12 @@ Per unit: the producer rows and biases (both SwiGLU projections), the BatchNorm 
 running statistics, the consumer's input columns/channels; for heads the q/k/v rows and the out-projection
 column block, plus the attention module's head-count attributes named in the family table (families.py:
 BERT ``num_attention_heads``/``all_head_size``, Llama ``num_key_value_groups``, GPT-2 ``num_heads``/
-``split_size``, ...; RoPE and Qwen3/Gemma-3 q_norm/k_norm act per head_dim, so they are untouched). Fused
-projections (GPT-2 ``c_attn``, Phi-3 ``gate_up_proj``) lose the matching rows of every part at once; GPT-2
-``Conv1D`` weights ([in, out]) are sliced on the transposed axes. The consumer bias stays, so removal equals
-masking (``masking.masked``). New ``nn.Parameter`` objects replace the old ones: build optimizers after surgery.
+``split_size``, Phi-3 ``num_key_value_heads`` and ``config.num_attention_heads``, on the module's own
+``families.LayerConfig`` view of the shared config, ...; RoPE and Qwen3/Gemma-3 q_norm/k_norm act per head_dim,
+so they are untouched). Fused projections (GPT-2 ``c_attn``, Phi-3 ``gate_up_proj`` and ``qkv_proj``) lose the
+matching rows of every part at once; GPT-2 ``Conv1D`` weights ([in, out]) are sliced on the transposed axes. The
+consumer bias stays, so removal equals masking (``masking.masked``). New ``nn.Parameter`` objects replace the old
+ones: build optimizers after surgery.
 
 GQA constraint: Hugging Face attention expects num_heads % num_kv_heads == 0 with query heads of a KV group
 contiguous, so query-head removal ("query" units) must take the same number of heads from every KV group

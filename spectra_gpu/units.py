@@ -18,7 +18,7 @@ slice is what ``masked`` does and what physical removal must equal.
 Discovery: transformer layers are matched against the family table in ``families.py`` (one entry per family:
 Llama-like, Phi-3, GPT-2, OPT, BERT-like, DistilBERT, ViT; module paths to unit roles), by structure, so copies
 of a listed layout under another name work too. A model whose ``config.model_type`` is listed is matched
-against its own family only. A family part that is not covered (Phi-3 heads) is said once in a warning; a
+against its own family only. A family part that is not covered (its ``missing``) is said once in a warning; a
 model with nothing discoverable gets one error line naming the detected family and a ``declare_group`` example.
 Plain MLPs/CNNs/ResNets are found on a ``torch.fx`` trace:
 Linear|Conv2d -> (BatchNorm) -> activation -> (dropout | pooling | flatten) -> Linear|Conv2d, with every

@@ -33,17 +33,18 @@ from spectra_gpu import (
     save_pruned,
 )
 from spectra_gpu.accounting import params_after_removal
-from spectra_gpu.families import base_of, coverage_line
+from spectra_gpu.families import LinearView, base_of, coverage_line
 from spectra_gpu.io import is_standard, loader_hint
 from spectra_gpu.sequential import find_blocks
 
 LLAMA_LIKE = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"]
+GQA = [*LLAMA_LIKE, "phi3"]  # 4 query heads in 2 KV groups
 MHA = ["gpt2", "opt", "bert", "roberta", "distilbert", "vit"]
-ALL = [*LLAMA_LIKE, "phi3", *MHA]
+ALL = [*GQA, *MHA]
 # the family each model is matched as, and whether its config can state pruned head counts (head_dim explicit)
 FAMILY = {**dict.fromkeys(LLAMA_LIKE, "llama"), "phi3": "phi3", "gpt2": "gpt2", "opt": "opt", "bert": "bert",
           "roberta": "bert", "distilbert": "distilbert", "vit": "vit"}
-HEADS_STANDARD = {*LLAMA_LIKE, "vit"}
+HEADS_STANDARD = {*GQA, "vit"}
 
 
 @pytest.fixture(autouse=True)
@@ -85,14 +86,14 @@ def test_discovery_finds_ffn_and_heads(name):
     groups = discover_groups(m)
     assert {g.arch for g in groups} == {FAMILY[name]}
     kinds = sorted(g.kind for g in groups)
-    assert kinds == (["ffn", "ffn"] if name == "phi3" else ["ffn", "ffn", "head", "head"])
+    assert kinds == ["ffn", "ffn", "head", "head"]
     ffn = [g for g in groups if g.kind == "ffn"]
     assert all(g.size == 48 for g in ffn) and all(g.name.endswith(".ffn") for g in ffn)
     for g in groups:
         if g.kind == "head":
             assert g.size == 4 and g.head_dim == 8 and g.name.endswith(".attn")
-            assert g.unit == ("query" if name in LLAMA_LIKE else "head")
-            assert g.kv_heads == (2 if name in LLAMA_LIKE else None)
+            assert g.unit == ("query" if name in GQA else "head")
+            assert g.kv_heads == (2 if name in GQA else None)
     # every group's real modules are inside one block of the layer stack found by structure
     path, blocks = find_blocks(m, groups)
     assert len(blocks) == 2 and path.split(".")[-1] in ("layers", "layer", "h")
@@ -100,7 +101,7 @@ def test_discovery_finds_ffn_and_heads(name):
     assert all(id(mod) in inside for g in groups for mod in g.modules())
 
 
-@pytest.mark.parametrize("name,gqa", [(n, "query") for n in ALL] + [("qwen2", "kv"), ("gemma3", "kv")])
+@pytest.mark.parametrize("name,gqa", [(n, "query") for n in ALL] + [("qwen2", "kv"), ("gemma3", "kv"), ("phi3", "kv")])
 def test_removal_equals_masking_and_exact_params(name, gqa):
     model = am.hf_family(name)
     batch = am.family_batch(name)
@@ -137,7 +138,7 @@ def test_uniform_prune_saves_and_reloads(name, tmp_path):
         _prune_uniform(model, heads)
         want = _out(model, batch)
         d = save_pruned(model, tmp_path / f"{name}-{heads}")
-        standard = not heads or name in HEADS_STANDARD or name == "phi3"
+        standard = not heads or name in HEADS_STANDARD
         assert is_standard(d) is standard, loader_hint(d)
         cfg = json.loads((d / "config.json").read_text())
         assert ("spectra_pruned" in cfg) is not standard
@@ -239,16 +240,17 @@ def test_ffn_capture_equals_real_module_signals(name):
     _same_stats(st, z.T, a.T)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "opt", "distilbert", "vit", "qwen2"])
+@pytest.mark.parametrize("name", ["gpt2", "opt", "distilbert", "vit", "qwen2", "phi3"])
 def test_head_capture_equals_masked_residual_writes(name):
     """A_h = the real out-projection's output with only head h kept (masking) minus its bias; Z_h = the real
-    out-projection applied to the head's values (taken from the real v / fused c_attn output) in its slots."""
+    out-projection applied to the head's values (taken from the real v / fused c_attn / qkv_proj output) in its
+    slots."""
     model = am.hf_family(name)
     batch = am.family_batch(name)
     g = _first_ffn_and_head(model)[1]
     cons, vmod = base_of(g.consumer), base_of(g.v)
     n, hd = g.size, g.head_dim
-    r = n // (2 if name == "qwen2" else n)  # query heads per KV head
+    r = n // (2 if name in ("qwen2", "phi3") else n)  # query heads per KV head
     bias = cons.bias if cons.bias is not None else 0.0
     outs, vals = [], []
     ho = cons.register_forward_hook(lambda _m, _i, o: outs.append(o.detach()))
@@ -267,6 +269,8 @@ def test_head_capture_equals_masked_residual_writes(name):
     v = pick(vals[0])
     if name == "gpt2":  # fused c_attn: q | k | v thirds
         v = v.chunk(3, dim=-1)[2]
+    if name == "phi3":  # fused qkv_proj: q (num_attention_heads) | k | v (num_key_value_heads each)
+        v = v[..., (model.config.num_attention_heads + model.config.num_key_value_heads) * hd:]
     zs = []
     with torch.no_grad():
         for u in range(n):
@@ -278,16 +282,127 @@ def test_head_capture_equals_masked_residual_writes(name):
     _same_stats(st, z, a, rtol=1e-4)
 
 
-def test_phi3_heads_not_covered_said_once(monkeypatch):
+# ---- Phi-3 heads: a fused qkv_proj with unequal parts, and head counts read from the config every layer shares ----
+def _phi3(rope=None):
+    """A tiny random-weight Phi-3 (hidden 64, 2 layers, 4 query heads in 2 KV groups of head_dim 16; eager)."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(11)
+    cfg = Phi3Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
+                     num_hidden_layers=2, vocab_size=100, max_position_embeddings=64, pad_token_id=0, eos_token_id=1,
+                     bos_token_id=1, rope_parameters=rope)
+    m = Phi3ForCausalLM(cfg)
+    m.config._attn_implementation = "eager"
+    return m.eval()
+
+
+def _phi3_heads(model, gqa="query"):
+    return {g.name.split(".")[2]: g for g in discover_groups(model, kinds="head", gqa=gqa)}
+
+
+def test_phi3_qkv_parts_follow_the_modules_shapes():
+    """q = as many rows as o_proj takes in, k and v share the rest: before and after surgery, and a qkv_proj
+    that does not split so is not matched."""
+    m = _phi3()
+    attn = m.model.layers[0].self_attn
+    g = _phi3_heads(m)["0"]
+    assert (g.q.rows, g.k.rows, g.v.rows) == (slice(0, 64), slice(64, 96), slice(96, 128))
+    torch.testing.assert_close(g.v.weight, attn.qkv_proj.weight[96:], rtol=0, atol=0)
+    remove_units(m, g, torch.tensor([0, 3]))  # one query head from each KV group
+    assert (g.q.rows, g.k.rows, g.v.rows) == (slice(0, 32), slice(32, 64), slice(64, 96))
+    assert attn.config.num_attention_heads == 2 and attn.num_key_value_heads == 2
+    attn.qkv_proj = torch.nn.Linear(64, 31, bias=False)  # 31 - 32 rows left for k and v: not this layout
+    assert "0" not in _phi3_heads(m)
+    with pytest.raises(ValueError, match="lead's input width 32"):
+        LinearView(attn.qkv_proj, 1, 3, lead=attn.o_proj)
+
+
+def test_phi3_heads_per_layer_remove_save_reload_and_follow_the_model_config(tmp_path, monkeypatch):
+    """Heads removed in one layer only: the logits equal masking, the pruned layer's attention gets its own view of
+    the config (the other layer and model.config keep 4 heads), which still follows the model's config
+    (set_attn_implementation); save_pruned keeps the record (widths differ) and load_pruned restores the
+    per-layer counts; on the reloaded model a whole KV group goes (== masking again), greedy generation equals the
+    masked model's, and a deep copy runs the same."""
+    model = _phi3()
+    batch = am.family_batch("phi3")
+    assert "not covered: nothing" in coverage_line(model)
     monkeypatch.setattr(units_mod, "_WARNED", set())
-    m = am.hf_family("phi3")
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        discover_groups(m)
-        discover_groups(m)
-        discover_groups(m, kinds="ffn")
-    msgs = [str(w.message) for w in rec if "not covered" in str(w.message)]
-    assert len(msgs) == 1 and "detected family 'phi3'" in msgs[0] and "attention heads" in msgs[0]
+        g0 = _phi3_heads(model)["0"]
+    assert not [w for w in rec if "not covered" in str(w.message)]
+    pruned = copy.deepcopy(model)
+    remove_units(pruned, _phi3_heads(pruned)["0"], torch.tensor([1, 2]))
+    with masked(model, {g0: _keep(4, torch.tensor([1, 2]))}):
+        want = _out(model, batch)
+    got = _out(pruned, batch)
+    torch.testing.assert_close(_tokens("phi3", batch, got), _tokens("phi3", batch, want), rtol=1e-5, atol=1e-5)
+    a0, a1 = (layer.self_attn for layer in pruned.model.layers)
+    assert (a0.config.num_attention_heads, a0.config.num_key_value_heads, a0.num_key_value_groups) == (2, 2, 1)
+    assert a1.config is pruned.config and pruned.config.num_attention_heads == 4 and a1.num_key_value_groups == 2
+    assert a0.config.vocab_size == 100 and a0.config._attn_implementation == "eager"
+    torch.testing.assert_close(_out(copy.deepcopy(pruned), batch), got, rtol=0, atol=0)
+
+    d = save_pruned(pruned, tmp_path / "layer0")
+    assert not is_standard(d) and "query-head counts differ" in loader_hint(d)
+    back = load_pruned(d)
+    torch.testing.assert_close(_out(back, batch), got, rtol=0, atol=1e-6)
+    b0, b1 = (layer.self_attn for layer in back.model.layers)
+    assert (b0.config.num_attention_heads, b0.num_key_value_heads, b0.num_key_value_groups) == (2, 2, 1)
+    assert b1.config is back.config and back.config.num_attention_heads == 4
+    back.set_attn_implementation("sdpa")  # reaches the pruned layer through its view of the config
+    assert b0.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(_tokens("phi3", batch, _out(back, batch)), _tokens("phi3", batch, got), rtol=1e-4,
+                               atol=1e-4)
+    back.set_attn_implementation("eager")
+
+    g1 = _phi3_heads(back, gqa="kv")["1"]
+    assert g1.unit == "kv" and g1.size == 2
+    again = copy.deepcopy(back)
+    remove_units(again, _phi3_heads(again, gqa="kv")["1"], torch.tensor([0]))
+    assert (again.model.layers[1].self_attn.config.num_attention_heads,
+            again.model.layers[1].self_attn.num_key_value_heads) == (2, 1)
+    ids = batch["input_ids"][1:, :5]
+    with masked(back, {g1: _keep(2, torch.tensor([0]))}):
+        want = _out(back, batch)
+        want_gen = back.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(_tokens("phi3", batch, _out(again, batch)), _tokens("phi3", batch, want), rtol=1e-5,
+                               atol=1e-5)
+    assert again.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0).tolist() == want_gen.tolist()
+
+
+def test_phi3_uniform_heads_standard_folder_explicit_head_dim(tmp_path):
+    """A whole KV group (and its two query heads) out of every layer: config.json states 2 heads, 1 KV head and
+    head_dim 16 (hidden / heads would say 32) and plain from_pretrained reproduces the logits."""
+    model = _phi3()
+    batch = am.family_batch("phi3")
+    for g in discover_groups(model, kinds="head", gqa="kv"):
+        remove_units(model, g, torch.tensor([1]))
+    want = _out(model, batch)
+    d = save_pruned(model, tmp_path / "uniform")
+    assert is_standard(d), loader_hint(d)
+    cfg = json.loads((d / "config.json").read_text())
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (2, 1, 16)
+    assert "spectra_pruned" not in cfg
+    back = type(model).from_pretrained(str(d), dtype=torch.float32, attn_implementation="eager").eval()
+    torch.testing.assert_close(_out(back, batch), want, rtol=0, atol=1e-5)
+    assert all(layer.self_attn.config is back.config for layer in back.model.layers)
+
+
+def test_phi3_longrope_heads_not_standard_but_reload(tmp_path):
+    """Phi-3 longrope checks its factors against hidden_size / num_attention_heads, so a config stating fewer heads
+    is rejected on reading: the folder is not standard (the reason says so) and load_pruned rebuilds it."""
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+            "original_max_position_embeddings": 32}
+    model = _phi3(rope)
+    batch = am.family_batch("phi3")
+    for g in discover_groups(model, kinds="head"):
+        remove_units(model, g, g.balanced(torch.arange(4.0), 2))
+    want = _out(model, batch)
+    d = save_pruned(model, tmp_path / "longrope")
+    assert not is_standard(d) and "rejects the rewritten config" in loader_hint(d), loader_hint(d)
+    assert "\n" not in loader_hint(d)
+    torch.testing.assert_close(_out(load_pruned(d), batch), want, rtol=0, atol=1e-6)
 
 
 def _tiny_t5():
