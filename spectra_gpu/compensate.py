@@ -112,8 +112,6 @@ def _columns(units: Tensor, width: int) -> Tensor:
 def check_removed(group: UnitGroup, idx: Any) -> Tensor:
     """Sorted unit indices to remove from ``group`` (validated as surgery validates them; an empty list is
     no removal)."""
-    if not isinstance(idx, (str, bytes)) and hasattr(idx, "__len__") and len(idx) == 0:
-        return torch.zeros(0, dtype=torch.int64)
     return surgery.check_indices(group, idx)
 
 

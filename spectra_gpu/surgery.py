@@ -101,10 +101,13 @@ def _blocks(keep_units: Tensor, width: int) -> Tensor:
 
 def check_indices(group: UnitGroup, idx: Any) -> Tensor:
     """Validate units to remove: a 1-D int sequence of distinct indices in [0, size) that leaves at least
-    one unit (and, for GQA query heads, takes equally many heads from every KV group)."""
+    one unit (and, for GQA query heads, takes equally many heads from every KV group); an empty sequence
+    is no removal."""
     if not isinstance(group, UnitGroup):
         raise TypeError(f"group: expected a UnitGroup, got {type(group).__name__}")
     t = torch.as_tensor(idx)
+    if t.numel() == 0 and t.dim() == 1:  # [] reads as float32
+        t = t.long()
     if t.dtype == torch.bool or t.is_floating_point() or t.is_complex() or t.dim() > 1:
         raise TypeError(f"idx: expected a 1-D sequence of int unit indices, got {t.dtype} of shape {tuple(t.shape)}")
     t = t.flatten().long().cpu()

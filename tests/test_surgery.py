@@ -144,6 +144,14 @@ def test_bad_removals_are_refused():
     assert f.size == 40  # nothing was touched by refused calls
 
 
+def test_an_empty_removal_changes_nothing():
+    m = am.llama()
+    f = discover_groups(m, kinds="ffn")[0]
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    remove_units(m, f, [])
+    assert f.size == 40 and all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
 def test_epr_counts_the_sliced_model():
     m = am.llama()
     p0 = count_params(m)
