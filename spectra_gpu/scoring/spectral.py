@@ -288,29 +288,35 @@ def score(pre: Any, post: Any = None, *, k: int | None = None, num_eigs: int | s
                 preprocess=preprocess, weighted=weighted)
     timings["validate"] = time.perf_counter() - t_start
 
-    t = time.perf_counter()
-    if stats is None:
-        sides = []
-        for x, xc, sd in ((pre, cen_pre, std_pre), (post, cen_post, std_post)):
+    def side(i: int) -> _Side:
+        """The preprocessed signals (or their Gram / sketch) of side i (0: pre, 1: post)."""
+        if stats is None:
+            x, xc, sd = ((pre, cen_pre, std_pre), (post, cen_post, std_post))[i]
             rows = _preprocess(x, xc, sd, preprocess)
             rows = rows[units] if na < n else rows
-            sides.append(_Side(SqDist(rows), rows))
-        del cen_pre, cen_post
-    elif stats.mode == "exact":
-        sides = [_Side(SqDist(gram=stats.gram(sd, preprocess, alive)), None) for sd in ("pre", "post")]
-    else:
-        sides = [_Side(SqDist(x=stats.sketch(sd, preprocess, alive)), None) for sd in ("pre", "post")]
-    timings["preprocess"] = time.perf_counter() - t
+            return _Side(SqDist(rows), rows)
+        if stats.mode == "exact":
+            return _Side(SqDist(gram=stats.gram(("pre", "post")[i], preprocess, alive)), None)
+        return _Side(SqDist(x=stats.sketch(("pre", "post")[i], preprocess, alive)), None)
 
-    t = time.perf_counter()
-    gx, kx = _build_graph(sides[0], k_eff, weighted, backend, "input", diag)
-    timings["graph_input"] = time.perf_counter() - t
-    t = time.perf_counter()
-    gy, ky = _build_graph(sides[1], k_eff, weighted, backend, "output", diag)
-    timings["graph_output"] = time.perf_counter() - t
+    # one side's preprocessed Gram / signals at a time: each is freed once its graph is built
+    timings["preprocess"] = 0.0
+    built = []
+    for i, name in enumerate(("input", "output")):
+        t = time.perf_counter()
+        sd_i = side(i)
+        timings["preprocess"] += time.perf_counter() - t
+        t = time.perf_counter()
+        built.append(_build_graph(sd_i, k_eff, weighted, backend, name, diag))
+        timings[f"graph_{name}"] = time.perf_counter() - t
+        if i == 0:
+            x_dtype = sd_i.dist.x.dtype if sd_i.dist.x is not None else torch.float64
+        del sd_i
+    if stats is None:
+        del cen_pre, cen_post
+    (gx, kx), (gy, ky) = built
     diag["edges"] = {"input": gx.num_edges, "output": gy.num_edges}
-    diag["duplicates"] = _duplicates(kx, ky, units, sides[0].dist.x.dtype if sides[0].dist.x is not None
-                                     else torch.float64)
+    diag["duplicates"] = _duplicates(kx, ky, units, x_dtype)
     if stats is not None and stats.mode == "sketch" and stats.probe_idx is not None:
         diag["sketch_recall_at_k"] = _sketch_recall(stats, preprocess, alive, kx, ky, k_eff)
 
