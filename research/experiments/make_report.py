@@ -325,7 +325,7 @@ def llm_table(folder: str) -> str:
     for cell in runs:
         rows.setdefault(cell.removesuffix("-ce").removesuffix("-kd"), []).append(cell)
     out = (f"Dense perplexity {dense:.2f}. \"-\": not run (compute, see below). Minutes: each cell's "
-           "`seconds_total`, 1 thread, two cells at a time.\n\n"
+           "`seconds_total` (recovery rows: CE / KD cell), 1 thread each, 2-5 runs sharing the 2 cores.\n\n"
            "| row | criterion | EPR total / prunable | rounds | after pruning | after compensation "
            "| after CE recovery | after KD recovery | minutes |\n|---|---|---|---|---|---|---|---|---|\n")
     repeats = []
