@@ -39,9 +39,12 @@ def _cells() -> dict[str, list[str]]:
             cells[f"random{seed}-{tag}"] = ["--scorer", "random", "--seed", seed, "--target", t, "--epochs", "0"]
     cells["wanda_sp-t20-nbh"] = ["--scorer", "wanda_sp", "--target", "0.2", "--epochs", "0",
                                  "--one-per-neighbourhood"]
-    for rec in ("ce", "kd"):
-        cells[f"wanda_sp-t20-{rec}"] = ["--scorer", "wanda_sp", "--target", "0.2", "--epochs", "1",
-                                        "--steps", str(RECOVERY_STEPS), "--recovery", rec]
+    for name in [c for c in cells if not c.endswith("-nbh")]:  # every row's CE and KD recovery
+        args = cells[name]
+        at = args.index("--epochs")
+        base = args[:at] + args[at + 2:]  # without "--epochs 0"
+        for rec in ("ce", "kd"):
+            cells[f"{name}-{rec}"] = [*base, "--epochs", "1", "--steps", str(RECOVERY_STEPS), "--recovery", rec]
     return cells
 
 
