@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from ._progress import enabled as _progress_on
 from ._progress import progress
 from .capture import capture, default_forward
-from .compensate import DAMPING, Refit, apply_refits, capture_grams, refit
+from .compensate import DAMPING, Refit, apply_refits, compensation
 from .config import HIDDEN_STORES, PruneConfig
 from .rounds import GroupScores, Signals, score_groups, stats_mode
 from .scorers import NEEDS_TAYLOR, ScoreOutput
@@ -533,9 +533,9 @@ def compensate_blocks(model: nn.Module, dense: nn.Module, groups: Sequence[UnitG
     """Compensation (``compensate``, docs/algorithm.md section 7) one block at a time, as SparseGPT orders its
     reconstruction: the calibration batches run through the pruned ``model`` up to its first block; then for
     each block holding a pruned group, the same block of ``dense`` (the model before pruning: same structure,
-    every unit) replays the pruned model's hidden states while ``compensate.capture_grams`` records each
-    consumer's full input (removed units zeroed downstream), every group of the block is refit
-    (``compensate.refit``) and written into ``model``'s block (``compensate.apply_refits``), and the compensated
+    every unit) replays the pruned model's hidden states while ``compensate.compensation`` records each
+    consumer's full input (removed units zeroed downstream) and refits every group of the block, the refits are
+    written into ``model``'s block (``compensate.apply_refits``), and the compensated
     block's outputs become the next block's inputs. So each block is fit on the inputs the pruned and
     compensated blocks before it give (within a block the groups are fit together, on the block's pruned but
     not yet compensated values, as the one-pass capture fits all of them), and the consumer Grams of one block
@@ -585,10 +585,9 @@ def compensate_blocks(model: nn.Module, dense: nn.Module, groups: Sequence[UnitG
                 dbefore = next((p.device for p in dblock.parameters()), dev)
                 dblock.to(dev)
                 mine_removed = {g.name: removed[g.name] for g in mine}
-                grams = capture_grams(dblock, mine, mine_removed, replay_batches(len(calib), masks, write=False),
-                                      forward=replay, precision=precision)
+                got = compensation(dblock, mine, mine_removed, replay_batches(len(calib), masks, write=False),
+                                   forward=replay, damping=damping, precision=precision)
                 dblock.to(dbefore)
-                got = {g.name: refit(g, grams.pop(g.name), removed[g.name], damping=damping) for g in mine}
                 apply_refits([pruned[n] for n in got], got, mine_removed)
                 refits.update(got)
             _pass_through(block, replay_batches(len(calib), masks), replay)
