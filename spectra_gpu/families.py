@@ -156,6 +156,14 @@ class LinearView(nn.Linear):
         return f"{type(self.base).__name__} rows {self.rows.start}:{self.rows.stop}, in_features={self.in_features}"
 
 
+def repeated_blocks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """(path, list) of every ``nn.ModuleList`` in ``model`` of at least two modules of one class (a transformer's
+    layers, an MLP's hidden layers), in ``named_modules`` order: what layer-sequential capture walks and LoRA
+    adapts."""
+    return [(p, m) for p, m in model.named_modules()
+            if isinstance(m, nn.ModuleList) and len(m) >= 2 and len({type(b) for b in m}) == 1]
+
+
 def base_of(m: nn.Module) -> nn.Module:
     """The real module behind a LinearView (else ``m``)."""
     return m.base if isinstance(m, LinearView) else m

@@ -42,6 +42,7 @@ from torch import nn
 
 from . import faults
 from ._progress import progress
+from .families import repeated_blocks
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
@@ -259,8 +260,8 @@ def _peft(cfg: FinetuneConfig) -> tuple[Any, Any]:
 
 
 def lora_targets(model: nn.Module) -> list[str]:
-    """The names of the nn.Linear modules a LoRA fine-tune adapts: those inside repeated blocks (the entries of an
-    nn.ModuleList of >= 2 modules of one class: a transformer's layers, an MLP's hidden layers), so not the
+    """The names of the nn.Linear modules a LoRA fine-tune adapts: those inside repeated blocks
+    (:func:`families.repeated_blocks`: a transformer's layers, an MLP's hidden layers), so not the
     embeddings, LM head or classifier head. A model without such blocks: every nn.Linear but the last one
     registered (its head, by the usual order), or that one when it is the only one. The output embeddings of a
     Hugging Face model (the LM head, often tied to the input embeddings) are never adapted. Empty when the model
@@ -271,8 +272,7 @@ def lora_targets(model: nn.Module) -> list[str]:
     except (NotImplementedError, AttributeError):
         head = None
     linear = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
-    blocks = [n for n, m in model.named_modules()
-              if isinstance(m, nn.ModuleList) and len(m) >= 2 and len({type(b) for b in m}) == 1]
+    blocks = [n for n, _ in repeated_blocks(model)]
     inside = [n for n, _ in linear if any(n.startswith(f"{b}.") for b in blocks)]
     if inside:
         return inside

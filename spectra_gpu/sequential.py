@@ -47,6 +47,7 @@ from ._progress import progress
 from .capture import capture, default_forward
 from .compensate import DAMPING, Refit, apply_refits, compensation
 from .config import HIDDEN_STORES, PruneConfig
+from .families import repeated_blocks
 from .rounds import GroupScores, Signals, score_groups, stats_mode
 from .scorers import NEEDS_TAYLOR, ScoreOutput
 from .stats import SignalStats
@@ -78,9 +79,7 @@ def find_blocks(model: nn.Module, groups: Sequence[UnitGroup] = (),
         return path, m
     wanted = {id(m) for g in groups for m in g.modules()}
     best: tuple[int, int, str, nn.ModuleList] | None = None
-    for p, m in model.named_modules():
-        if not isinstance(m, nn.ModuleList) or len(m) < 2 or len({type(b) for b in m}) != 1:
-            continue
+    for p, m in repeated_blocks(model):
         held = sum(1 for sub in m.modules() if id(sub) in wanted)
         size = sum(t.numel() for t in m.parameters())
         if best is None or (held, size) > best[:2]:
