@@ -5,6 +5,7 @@ Never raises for a missing or broken optional dependency: each probe turns failu
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -18,6 +19,20 @@ def _version(mod: str) -> str:
         return str(getattr(importlib.import_module(mod), "__version__", "installed"))
     except Exception as e:  # a broken install is worth reporting, not crashing on
         return f"import failed: {type(e).__name__}: {e}"
+
+
+def cpu() -> dict[str, str | None]:
+    """The host CPU as it bears on float results: its model name (Linux /proc/cpuinfo, else
+    ``platform.processor()``; None when neither says) and the instruction set torch's CPU kernels dispatch to
+    (``torch.backends.cpu.get_cpu_capability()``, e.g. AVX2 / AVX512). BLAS libraries such as MKL pick their
+    kernels, and so their summation order, by CPU, so runs of the same code at 1 thread on different CPUs may
+    differ in the last bits."""
+    import torch
+
+    model = None
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+        model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
+    return {"model": model or platform.processor() or None, "capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def _torch_devices() -> list[str]:
@@ -54,6 +69,8 @@ def report() -> str:
     from .backends.registry import ENV_VAR
 
     lines = [f"spectra_gpu {__version__}", f"python {platform.python_version()} on {platform.platform()}"]
+    host = cpu()
+    lines.append(f"cpu {host['model'] or 'unknown'} (torch kernels: {host['capability']})")
     lines += _torch_devices()
     lines.append(f"triton {_version('triton')} (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', 'unset')})")
     lines.append(_cupy_line())

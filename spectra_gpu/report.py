@@ -177,11 +177,14 @@ def markdown(report: dict[str, Any], plots: dict[str, str], note: str | None = N
         resumed = ", resumed from a checkpoint" if env.get("resumed") else ""
         dirty = " (uncommitted changes)" if git.get("dirty") else ""
         dev = env.get("device", "") + (f" ({env['device_name']})" if env.get("device_name") else "")
+        host = env.get("cpu") or {}  # reports written before the CPU was recorded have none
+        cpu = f"- host: {env.get('platform')}, CPU {host.get('model') or 'unknown'} (torch kernels " \
+              f"{host.get('capability', 'unknown')})"
         lines += ["", "## Environment", "", f"- command: `{env.get('command')}`",
                   f"- finished: {env.get('timestamp_utc')} (UTC){resumed}", f"- versions: {vers}",
                   f"- git: {git.get('commit', 'not a git checkout')}{dirty}",
                   f"- device: {dev}, torch CUDA build {env.get('torch_cuda_build') or 'none'}, torch threads "
-                  f"{env.get('threads', {}).get('torch')}"]
+                  f"{env.get('threads', {}).get('torch')}", cpu]
     lines += _plot_lines(plots, note)
     return "\n".join(lines) + "\n"
 
@@ -370,9 +373,10 @@ PROVENANCE_PACKAGES = ("torch", "transformers", "numpy", "safetensors", "scipy",
 
 def provenance(*, device: str = "cpu", command: str | None = None, resumed: bool = False) -> dict[str, Any]:
     """Where and how a run ran, for report.json: package versions (None: not installed), the git commit of
-    the spectra_gpu checkout (None unless installed from one), python, platform, torch's CUDA build, the
-    device and its name, threads, a UTC timestamp, the command line (``command``, default this process's
-    argv) and whether the run was resumed from a checkpoint."""
+    the spectra_gpu checkout (None unless installed from one), python, platform, the CPU (``env.cpu``: float
+    results at 1 thread can differ between CPUs), torch's CUDA build, the device and its name, threads, a UTC
+    timestamp, the command line (``command``, default this process's argv) and whether the run was resumed from a
+    checkpoint."""
     import datetime
     import importlib.metadata as md
     import platform
@@ -380,6 +384,7 @@ def provenance(*, device: str = "cpu", command: str | None = None, resumed: bool
     import sys
 
     from ._version import __version__
+    from .env import cpu
 
     versions: dict[str, str | None] = {"spectra_gpu": __version__}
     for name in PROVENANCE_PACKAGES:
@@ -392,7 +397,7 @@ def provenance(*, device: str = "cpu", command: str | None = None, resumed: bool
         device_name = torch.cuda.get_device_name(torch.device(device))
     return {
         "versions": versions, "git": _git_commit(Path(__file__).resolve().parent.parent),
-        "python": platform.python_version(), "platform": platform.platform(),
+        "python": platform.python_version(), "platform": platform.platform(), "cpu": cpu(),
         "torch_cuda_build": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
         "device": device, "device_name": device_name,
         "threads": {"torch": torch.get_num_threads(), "torch_interop": torch.get_num_interop_threads(),

@@ -82,6 +82,8 @@ def test_provenance_records_versions_commit_device_threads_time_and_command():
     assert env["device"] == "cpu" and env["threads"]["torch"] == torch.get_num_threads()
     assert env["timestamp_utc"].endswith("+00:00") and env["command"] == "spectra prune --model x"
     assert env["git"] is None or len(env["git"]["commit"]) == 40
+    assert env["cpu"]["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert env["cpu"]["model"] is None or env["cpu"]["model"].strip() == env["cpu"]["model"] != ""
     json.dumps(env)  # JSON-able
 
 
@@ -123,6 +125,9 @@ def test_cli_progress_flag_forces_bars_and_quiet_silences_them(tmp_path, capsys,
     assert not _progress.enabled()  # forced only for the command's duration
     rep = json.loads((tmp_path / "b" / "report.json").read_text())
     assert rep["environment"]["command"] == "spectra " + " ".join([*argv, "--out", str(tmp_path / "b"), "--quiet"])
+    cpu = rep["environment"]["cpu"]
+    assert f"CPU {cpu['model'] or 'unknown'} (torch kernels {cpu['capability']})" in \
+        (tmp_path / "b" / "report.md").read_text()
     assert rep["uniform_widths"] is False  # a plain model keeps free widths
     assert "load_pruned" in rep["saved_model"]["loader"]
 
