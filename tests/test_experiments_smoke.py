@@ -193,3 +193,36 @@ def test_finetune_driver_resume_and_merge(tmp_path: Path, monkeypatch: pytest.Mo
     with pytest.raises(ValueError, match="round_fraction"):
         exp_finetune_driver.main(["--smoke", "--merge-only", "--merge", str(other), "--out", str(tmp_path / "x.json")])
     assert not (tmp_path / "x.json").exists()
+
+
+def test_llm_table_lists_every_cell_with_where_it_ran_and_what_is_left(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The LLM table (research/README.md section 7) is built from the cells' reports alone: a row per
+    criterion and target, each cell's commit and machine, and the runner's cells that have no JSON yet."""
+    import exp_llm_table
+    import make_report
+
+    def report(cell: str, platform: str, cpu: dict[str, str] | None) -> dict:
+        args = exp_llm_table.CELLS[cell]
+        rec = "--recovery" in args
+        return {"metric_before": 43.79, "scorer": args[args.index("--scorer") + 1], "epr": 0.2, "epr_prunable": 0.25,
+                "rounds": [{}] * 6, "metric_after_prune": 256.3, "metric_after_compensation": 127.2,
+                "metric_after_finetune": 53.1 if rec else None, "seconds_total": 600.0,
+                "config": {"target": 0.2, "seed": 0, "one_per_neighbourhood": False},
+                "environment": {"git": {"commit": ("a" if rec else "b") * 40, "dirty": False},
+                                "platform": platform, "timestamp_utc": f"2026-12-0{1 + rec}T00:00:00+00:00",
+                                **({"cpu": cpu} if cpu else {})}}
+
+    folder = tmp_path / "llm_table"
+    folder.mkdir()
+    (folder / "flap-t20.json").write_text(json.dumps(report("flap-t20", "Linux-A", None)))
+    (folder / "flap-t20-ce.json").write_text(json.dumps(report("flap-t20-ce", "Linux-B",
+                                                               {"model": "CPU X", "capability": "AVX2"})))
+    monkeypatch.setattr(make_report, "EVIDENCE", tmp_path)
+    page = make_report.llm_table("llm_table")
+    assert "| `flap-t20` | flap | 0.200 / 0.250 | 6 | 256.3 | 127.2 | 53.1 | - | 10 / 10 |" in page
+    assert f"- {'b' * 7} on Linux-A, CPU not recorded: `flap-t20`\n- {'a' * 7} on Linux-B, CPU X (AVX2): " \
+           "`flap-t20-ce`\n" in page
+    left = page.split("not run yet (`exp_llm_table.py CELL` runs one): ")[1]
+    assert left.count("`") == 2 * (len(exp_llm_table.CELLS) - 2) and "`flap-t20-kd`" in left
+    assert "`flap-t20`" not in left and "`flap-t20-ce`" not in left

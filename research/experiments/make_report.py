@@ -188,8 +188,8 @@ def finetune_table(data: dict[str, Any]) -> str:
     targets = sorted(eprs)
     hib, drv = data.get("higher_is_better", True), bool(data.get("driver"))
     digits = 3 if hib else 0  # accuracy / perplexity
-    methods = sorted({m for m, _ in per}, key=lambda m: (-1 if hib else 1) * np.mean(
-        [np.mean(per[(m, t)]["after"]) for t in targets if (m, t) in per]))
+    methods = sorted({m for m, _ in per}, key=lambda m: ((-1 if hib else 1) * np.mean(
+        [np.mean(per[(m, t)]["after"]) for t in targets if (m, t) in per]), m))  # ties: by name, every run alike
     dense = np.array([m["dense"]["metric"] for m in data["models"].values()])
     seeds = sorted({r["model_seed"] for r in data["runs"]})
     who = (f"{data['seed_note']} ({len(seeds)} seed(s): {', '.join(map(str, seeds))})" if "seed_note" in data
@@ -344,7 +344,33 @@ def llm_table(folder: str) -> str:
                 f"{runs[c]['metric_after_compensation']!r} (`{c}`)" for c in sorted(cells)))
     if repeats:
         out += "\nAfter-compensation perplexity of the cells that share a row's pruning: " + "; ".join(repeats) + ".\n"
-    return out
+    return out + llm_provenance(runs)
+
+
+def _host(env: dict[str, Any]) -> str:
+    """The machine a report ran on, as report.json records it: the platform string (its kernel build tells the
+    sessions' machines apart) and, from reports that record it, the CPU and torch's kernel ISA."""
+    cpu = env.get("cpu")
+    return env["platform"] + (f", {cpu['model']} ({cpu['capability']})" if cpu else ", CPU not recorded")
+
+
+def llm_provenance(runs: dict[str, dict[str, Any]]) -> str:
+    """Where each cell ran (commit and machine, from its report's ``environment``) and which cells the runner
+    defines that have no JSON yet."""
+    from exp_llm_table import CELLS  # the runner's cell list; beside this file, no product import
+
+    where: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for cell, r in runs.items():
+        env = r["environment"]
+        commit = env["git"]["commit"][:7] + (" (uncommitted changes)" if env["git"]["dirty"] else "")
+        where[(commit, _host(env))].append(cell)
+    out = "\nWhere each cell ran (commit, then machine; 1 thread per cell):\n\n"
+    for (commit, host), cells in sorted(where.items(), key=lambda kv: min(runs[c]["environment"]["timestamp_utc"]
+                                                                          for c in kv[1])):
+        out += f"- {commit} on {host}: " + ", ".join(f"`{c}`" for c in sorted(cells)) + "\n"
+    missing = [c for c in CELLS if c not in runs]
+    out += "\nCells defined but not run yet (`exp_llm_table.py CELL` runs one): "
+    return out + (", ".join(f"`{c}`" for c in missing) if missing else "none") + ".\n"
 
 
 def magnitude_table(data: dict[str, Any]) -> str:
