@@ -215,14 +215,14 @@ def test_llm_table_lists_every_cell_with_where_it_ran_and_what_is_left(tmp_path:
 
     folder = tmp_path / "llm_table"
     folder.mkdir()
-    (folder / "flap-t20.json").write_text(json.dumps(report("flap-t20", "Linux-A", None)))
-    (folder / "flap-t20-ce.json").write_text(json.dumps(report("flap-t20-ce", "Linux-B",
-                                                               {"model": "CPU X", "capability": "AVX2"})))
+    (folder / "wanda_sp-t20.json").write_text(json.dumps(report("wanda_sp-t20", "Linux-A", None)))
+    (folder / "wanda_sp-t20-lora.json").write_text(json.dumps(report("wanda_sp-t20-lora", "Linux-B",
+                                                                     {"model": "CPU X", "capability": "AVX2"})))
     monkeypatch.setattr(make_report, "EVIDENCE", tmp_path)
     page = make_report.llm_table("llm_table")
-    assert "| `flap-t20` | flap | 0.200 / 0.250 | 6 | 256.3 | 127.2 | 53.1 | - | 10 / 10 |" in page
-    assert f"- {'b' * 7} on Linux-A, CPU not recorded: `flap-t20`\n- {'a' * 7} on Linux-B, CPU X (AVX2): " \
-           "`flap-t20-ce`\n" in page
+    assert "| `wanda_sp-t20` | wanda_sp | 0.200 / 0.250 | 6 | 256.3 | 127.2 | - | - | 53.1 | 10 / 10 |" in page
+    assert f"- {'b' * 7} on Linux-A, CPU not recorded: `wanda_sp-t20`\n- {'a' * 7} on Linux-B, CPU X (AVX2): " \
+           "`wanda_sp-t20-lora`\n" in page
     left = page.split("not run yet (`exp_llm_table.py CELL` runs one): ")[1]
-    assert left.count("`") == 2 * (len(exp_llm_table.CELLS) - 2) and "`flap-t20-kd`" in left
-    assert "`flap-t20`" not in left and "`flap-t20-ce`" not in left
+    assert left.count("`") == 2 * (len(exp_llm_table.CELLS) - 2) and "`wanda_sp-t20-ce`" in left
+    assert "`wanda_sp-t20`" not in left and "`wanda_sp-t20-lora`" not in left

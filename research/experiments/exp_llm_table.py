@@ -1,6 +1,7 @@
 """The LLM table: SmolLM2 (smollm2-text, the english-text task) pruned by every criterion through the product's
 CLI, ``spectra prune``, with perplexity on the held-out set after pruning, after compensation and after a
-recovery fine-tune (cross-entropy or distillation from the dense model).
+recovery fine-tune (cross-entropy or distillation from the dense model; for the best row also cross-entropy
+through LoRA adapters).
 
 Each cell is one ``spectra prune`` command (listed by ``--list``); its report.json is copied to
 ``research/results/llm_table/<cell>.json``, which make_report.py turns into the table on research/README.md.
@@ -26,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "research" / "results" / "llm_table"
 SPECTRA = str(Path(sys.executable).with_name("spectra"))
 RECOVERY_STEPS = 150  # 150 steps x 8 sequences x 128 tokens = 153,600 training tokens
+LORA = ["--lora-rank", "8", "--lora-alpha", "16", "--lr", "1e-4"]  # LLM-Pruner's LoRA recipe (rank 8, lr 1e-4)
 
 
 def _cells() -> dict[str, list[str]]:
@@ -45,6 +47,7 @@ def _cells() -> dict[str, list[str]]:
         base = args[:at] + args[at + 2:]  # without "--epochs 0"
         for rec in ("ce", "kd"):
             cells[f"{name}-{rec}"] = [*base, "--epochs", "1", "--steps", str(RECOVERY_STEPS), "--recovery", rec]
+    cells["wanda_sp-t20-lora"] = [*cells["wanda_sp-t20-ce"], *LORA]  # the best row, CE through LoRA adapters
     return cells
 
 

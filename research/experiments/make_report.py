@@ -310,7 +310,7 @@ def driver_table(folder: str) -> str:
 def llm_table(folder: str) -> str:
     """The LLM table from the report.json files exp_llm_table.py copied into results/<folder>/: one row per
     criterion and target, perplexity after pruning, after compensation and (where that cell ran) after the CE and
-    the KD recovery fine-tune. A recovery cell runs the same pruning and compensation as its row's cell (the
+    the KD recovery fine-tune, and through LoRA adapters (CE). A recovery cell runs the same pruning and compensation as its row's cell (the
     rounds update no parameter), so a row whose own cell did not run takes those two figures from it; where
     several ran, their after-compensation figures are listed below the table (a reproduction check)."""
     runs = {p.stem: json.loads(p.read_text()) for p in sorted((EVIDENCE / folder).glob("*.json"))}
@@ -323,22 +323,24 @@ def llm_table(folder: str) -> str:
 
     rows: dict[str, list[str]] = {}
     for cell in runs:
-        rows.setdefault(cell.removesuffix("-ce").removesuffix("-kd"), []).append(cell)
+        rows.setdefault(cell.removesuffix("-ce").removesuffix("-kd").removesuffix("-lora"), []).append(cell)
     out = (f"Dense perplexity {dense:.2f}. \"-\": not run (compute, see below). Minutes: each cell's "
-           "`seconds_total` (recovery rows: CE / KD cell), 1 thread each, 2-5 runs sharing the 2 cores.\n\n"
+           "`seconds_total` (recovery rows: CE / KD / LoRA cell), 1 thread each, 2-5 runs sharing the 2 cores.\n\n"
            "| row | criterion | EPR total / prunable | rounds | after pruning | after compensation "
-           "| after CE recovery | after KD recovery | minutes |\n|---|---|---|---|---|---|---|---|---|\n")
+           "| after CE recovery | after KD recovery | after LoRA recovery (CE) | minutes |\n"
+           "|---|---|---|---|---|---|---|---|---|---|\n")
     repeats = []
     for name, cells in sorted(rows.items(), key=lambda kv: (runs[kv[1][0]]["config"]["target"], kv[0])):
         r = runs[name] if name in runs else runs[cells[0]]
         crit = r["scorer"] + (f" (seed {r['config']['seed']})" if r["scorer"] == "random" else "")
         crit += ", one per neighbourhood" if r["config"]["one_per_neighbourhood"] else ""
-        rec = {loss: runs.get(f"{name}-{loss}") for loss in ("ce", "kd")}
+        rec = {loss: runs.get(f"{name}-{loss}") for loss in ("ce", "kd", "lora")}
         minutes = " / ".join(f"{runs[c]['seconds_total'] / 60:.0f}" for c in sorted(cells))
         out += (f"| `{name}` | {crit} | {r['epr']:.3f} / {r['epr_prunable']:.3f} | {len(r['rounds'])} | "
                 f"{ppl(r['metric_after_prune'])} | {ppl(r.get('metric_after_compensation'))} | "
                 f"{ppl(rec['ce'] and rec['ce']['metric_after_finetune'])} | "
-                f"{ppl(rec['kd'] and rec['kd']['metric_after_finetune'])} | {minutes} |\n")
+                f"{ppl(rec['kd'] and rec['kd']['metric_after_finetune'])} | "
+                f"{ppl(rec['lora'] and rec['lora']['metric_after_finetune'])} | {minutes} |\n")
         if len(cells) > 1:
             repeats.append(f"`{name}`: " + ", ".join(
                 f"{runs[c]['metric_after_compensation']!r} (`{c}`)" for c in sorted(cells)))
