@@ -309,10 +309,11 @@ def driver_table(folder: str) -> str:
 
 def llm_table(folder: str) -> str:
     """The LLM table from the report.json files exp_llm_table.py copied into results/<folder>/: one row per
-    criterion and target, perplexity after pruning, after compensation and (where that cell ran) after the CE and
-    the KD recovery fine-tune, and through LoRA adapters (CE). A recovery cell runs the same pruning and compensation as its row's cell (the
-    rounds update no parameter), so a row whose own cell did not run takes those two figures from it; where
-    several ran, their after-compensation figures are listed below the table (a reproduction check)."""
+    criterion and target, perplexity after pruning, after compensation and (where that cell ran) after the CE
+    and the KD recovery fine-tune, and through LoRA adapters (CE). A recovery cell runs the same pruning and
+    compensation as its row's cell (the rounds update no parameter), so a row whose own cell did not run takes
+    those two figures from it; where several ran, their after-compensation figures are listed below the table
+    (a reproduction check)."""
     runs = {p.stem: json.loads(p.read_text()) for p in sorted((EVIDENCE / folder).glob("*.json"))}
     if not runs:
         return f"*(not run yet: {folder})*\n"
