@@ -198,15 +198,16 @@ def test_finetune_driver_resume_and_merge(tmp_path: Path, monkeypatch: pytest.Mo
 def test_llm_table_lists_every_cell_with_where_it_ran_and_what_is_left(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """The LLM table (research/README.md section 7) is built from the cells' reports alone: a row per
-    criterion and target, each cell's commit and machine, and the runner's cells that have no JSON yet."""
+    criterion and target (a recovery cell that pruned other units than its row gets a line of its own), each
+    cell's commit and machine, and the runner's cells that have no JSON yet."""
     import exp_llm_table
     import make_report
 
-    def report(cell: str, platform: str, cpu: dict[str, str] | None) -> dict:
+    def report(cell: str, platform: str, cpu: dict[str, str] | None, after_prune: float = 256.3) -> dict:
         args = exp_llm_table.CELLS[cell]
         rec = "--recovery" in args
         return {"metric_before": 43.79, "scorer": args[args.index("--scorer") + 1], "epr": 0.2, "epr_prunable": 0.25,
-                "rounds": [{}] * 6, "metric_after_prune": 256.3, "metric_after_compensation": 127.2,
+                "rounds": [{}] * 6, "metric_after_prune": after_prune, "metric_after_compensation": 127.2,
                 "metric_after_finetune": 53.1 if rec else None, "seconds_total": 600.0,
                 "config": {"target": 0.2, "seed": 0, "one_per_neighbourhood": False},
                 "environment": {"git": {"commit": ("a" if rec else "b") * 40, "dirty": False},
@@ -218,11 +219,15 @@ def test_llm_table_lists_every_cell_with_where_it_ran_and_what_is_left(tmp_path:
     (folder / "wanda_sp-t20.json").write_text(json.dumps(report("wanda_sp-t20", "Linux-A", None)))
     (folder / "wanda_sp-t20-lora.json").write_text(json.dumps(report("wanda_sp-t20-lora", "Linux-B",
                                                                      {"model": "CPU X", "capability": "AVX2"})))
+    (folder / "wanda_sp-t20-ce.json").write_text(json.dumps(report("wanda_sp-t20-ce", "Linux-B", None, 256.6)))
     monkeypatch.setattr(make_report, "EVIDENCE", tmp_path)
     page = make_report.llm_table("llm_table")
     assert "| `wanda_sp-t20` | wanda_sp | 0.200 / 0.250 | 6 | 256.3 | 127.2 | - | - | 53.1 | 10 / 10 |" in page
-    assert f"- {'b' * 7} on Linux-A, CPU not recorded: `wanda_sp-t20`\n- {'a' * 7} on Linux-B, CPU X (AVX2): " \
-           "`wanda_sp-t20-lora`\n" in page
+    assert "| `wanda_sp-t20-ce` | wanda_sp | 0.200 / 0.250 | 6 | 256.6 | 127.2 | 53.1 | - | - | 10 |" in page
+    where = page.split("Where each cell ran")[1].split("\n\n")[1].splitlines()
+    assert where[0] == f"- {'b' * 7} on Linux-A, CPU not recorded: `wanda_sp-t20`"  # the earliest first
+    assert sorted(where[1:]) == [f"- {'a' * 7} on Linux-B, CPU X (AVX2): `wanda_sp-t20-lora`",
+                                 f"- {'a' * 7} on Linux-B, CPU not recorded: `wanda_sp-t20-ce`"]
     left = page.split("not run yet (`exp_llm_table.py CELL` runs one): ")[1]
-    assert left.count("`") == 2 * (len(exp_llm_table.CELLS) - 2) and "`wanda_sp-t20-ce`" in left
+    assert left.count("`") == 2 * (len(exp_llm_table.CELLS) - 3) and "`wanda_sp-t20-kd`" in left
     assert "`wanda_sp-t20`" not in left and "`wanda_sp-t20-lora`" not in left

@@ -11,6 +11,7 @@ numpy and matplotlib (no product import), and git for the old figures."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -307,13 +308,19 @@ def driver_table(folder: str) -> str:
     return out
 
 
+SAME_PRUNING_RTOL = 1e-3  # cells of one row whose figures differ more pruned other units (see llm_table)
+
+
 def llm_table(folder: str) -> str:
     """The LLM table from the report.json files exp_llm_table.py copied into results/<folder>/: one row per
     criterion and target, perplexity after pruning, after compensation and (where that cell ran) after the CE
     and the KD recovery fine-tune, and through LoRA adapters (CE). A recovery cell runs the same pruning and
     compensation as its row's cell (the rounds update no parameter), so a row whose own cell did not run takes
     those two figures from it; where several ran, their after-compensation figures are listed below the table
-    (a reproduction check)."""
+    (a reproduction check). Cells whose after-pruning or after-compensation figure differs from the row's by
+    more than SAME_PRUNING_RTOL selected other units (another machine's float rounding can flip a near tie and
+    the rounds cascade from it): they get a line of their own, so every recovery figure stands beside the
+    pruned model it started from."""
     runs = {p.stem: json.loads(p.read_text()) for p in sorted((EVIDENCE / folder).glob("*.json"))}
     if not runs:
         return f"*(not run yet: {folder})*\n"
@@ -322,26 +329,41 @@ def llm_table(folder: str) -> str:
     def ppl(x: float | None) -> str:
         return "-" if x is None else f"{x:,.1f}"
 
+    def same_pruning(a: dict[str, Any], b: dict[str, Any]) -> bool:
+        return all(math.isclose(a[k], b[k], rel_tol=SAME_PRUNING_RTOL)
+                   for k in ("metric_after_prune", "metric_after_compensation"))
+
     rows: dict[str, list[str]] = {}
     for cell in runs:
         rows.setdefault(cell.removesuffix("-ce").removesuffix("-kd").removesuffix("-lora"), []).append(cell)
     out = (f"Dense perplexity {dense:.2f}. \"-\": not run (compute, see below). Minutes: each cell's "
-           "`seconds_total` (recovery rows: CE / KD / LoRA cell), 1 thread each, 2-5 runs sharing the 2 cores.\n\n"
+           "`seconds_total` (recovery rows: CE / KD / LoRA cell), 1 thread each, 2-5 runs sharing the 2 cores. "
+           "A line named after a recovery cell: that cell pruned other units than its row (see below).\n\n"
            "| row | criterion | EPR total / prunable | rounds | after pruning | after compensation "
            "| after CE recovery | after KD recovery | after LoRA recovery (CE) | minutes |\n"
            "|---|---|---|---|---|---|---|---|---|---|\n")
     repeats = []
     for name, cells in sorted(rows.items(), key=lambda kv: (runs[kv[1][0]]["config"]["target"], kv[0])):
-        r = runs[name] if name in runs else runs[cells[0]]
-        crit = r["scorer"] + (f" (seed {r['config']['seed']})" if r["scorer"] == "random" else "")
-        crit += ", one per neighbourhood" if r["config"]["one_per_neighbourhood"] else ""
-        rec = {loss: runs.get(f"{name}-{loss}") for loss in ("ce", "kd", "lora")}
-        minutes = " / ".join(f"{runs[c]['seconds_total'] / 60:.0f}" for c in sorted(cells))
-        out += (f"| `{name}` | {crit} | {r['epr']:.3f} / {r['epr_prunable']:.3f} | {len(r['rounds'])} | "
-                f"{ppl(r['metric_after_prune'])} | {ppl(r.get('metric_after_compensation'))} | "
-                f"{ppl(rec['ce'] and rec['ce']['metric_after_finetune'])} | "
-                f"{ppl(rec['kd'] and rec['kd']['metric_after_finetune'])} | "
-                f"{ppl(rec['lora'] and rec['lora']['metric_after_finetune'])} | {minutes} |\n")
+        lines: list[list[str]] = []  # cells that pruned alike, the row's own cell (or its first) leading
+        for c in sorted(cells):  # the row's cell sorts before its -ce / -kd / -lora cells
+            home = next((ln for ln in lines if same_pruning(runs[ln[0]], runs[c])), None)
+            if home is None:
+                lines.append([c])
+            else:
+                home.append(c)
+        for k, same in enumerate(lines):
+            r = runs[same[0]]
+            crit = r["scorer"] + (f" (seed {r['config']['seed']})" if r["scorer"] == "random" else "")
+            crit += ", one per neighbourhood" if r["config"]["one_per_neighbourhood"] else ""
+            rec = {loss: runs.get(f"{name}-{loss}") if f"{name}-{loss}" in same else None
+                   for loss in ("ce", "kd", "lora")}
+            minutes = " / ".join(f"{runs[c]['seconds_total'] / 60:.0f}" for c in same)
+            out += (f"| `{name if k == 0 else same[0]}` | {crit} | {r['epr']:.3f} / {r['epr_prunable']:.3f} | "
+                    f"{len(r['rounds'])} | {ppl(r['metric_after_prune'])} | "
+                    f"{ppl(r.get('metric_after_compensation'))} | "
+                    f"{ppl(rec['ce'] and rec['ce']['metric_after_finetune'])} | "
+                    f"{ppl(rec['kd'] and rec['kd']['metric_after_finetune'])} | "
+                    f"{ppl(rec['lora'] and rec['lora']['metric_after_finetune'])} | {minutes} |\n")
         if len(cells) > 1:
             repeats.append(f"`{name}`: " + ", ".join(
                 f"{runs[c]['metric_after_compensation']!r} (`{c}`)" for c in sorted(cells)))
