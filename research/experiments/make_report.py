@@ -355,8 +355,7 @@ def llm_table(folder: str) -> str:
             r = runs[same[0]]
             crit = r["scorer"] + (f" (seed {r['config']['seed']})" if r["scorer"] == "random" else "")
             crit += ", one per neighbourhood" if r["config"]["one_per_neighbourhood"] else ""
-            rec = {loss: runs.get(f"{name}-{loss}") if f"{name}-{loss}" in same else None
-                   for loss in ("ce", "kd", "lora")}
+            rec = {loss: runs[f"{name}-{loss}"] if f"{name}-{loss}" in same else None for loss in ("ce", "kd", "lora")}
             minutes = " / ".join(f"{runs[c]['seconds_total'] / 60:.0f}" for c in same)
             out += (f"| `{name if k == 0 else same[0]}` | {crit} | {r['epr']:.3f} / {r['epr_prunable']:.3f} | "
                     f"{len(r['rounds'])} | {ppl(r['metric_after_prune'])} | "
