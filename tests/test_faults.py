@@ -123,8 +123,11 @@ def _rounds_in_checkpoint(path: Path) -> int:
 def test_sigint_after_the_first_round_exits_130_and_resumes_to_the_same_report(reference, tmp_path):
     _, ref = reference
     out = tmp_path / "run"
+    # a shell's background job (`pytest ... &`) ignores SIGINT and its children inherit that: give the run the
+    # default handler, so it sees the Ctrl-C a user's terminal would send however the tests were started
     proc = subprocess.Popen([sys.executable, *PRUNE, "--out", str(out)], cwd=ROOT, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 300
         while _rounds_in_checkpoint(out / CHECKPOINT) < 1:
